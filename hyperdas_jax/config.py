@@ -1,0 +1,278 @@
+"""Frozen dataclass configs, YAML loading with dotted overrides, and the strict HF config reader."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the offending key or value."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 style RoPE frequency scaling (HF `rope_type: llama3`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama decoder. Field names follow HF `LlamaConfig`.
+
+    `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
+    activations. RMSNorm statistics, RoPE tables, attention softmax and logits are always
+    float32, as in HF.
+    """
+
+    vocab_size: int = 97
+    hidden_size: int = 64
+    intermediate_size: int = 96
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; give head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+        """Reads an HF Llama `config.json` dict, refusing anything that would change the maths.
+
+        Args:
+          hf: the parsed `config.json`.
+          **overrides: fields not taken from HF (`param_dtype`, `dtype`).
+        Returns:
+          The model config.
+        Raises:
+          ConfigError: an unsupported key or value, named in the message.
+        """
+        return cls(**_from_hf_fields(hf), **overrides)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict (transformers 5 `rope_parameters` form)."""
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+
+# HF keys read into ModelConfig, and keys that do not change the forward maths.
+_HF_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+_HF_IGNORED = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "attention_dropout", "_name_or_path", "output_hidden_states",
+    "output_attentions", "return_dict", "id2label", "label2id", "problem_type",
+    "chunk_size_feed_forward", "is_encoder_decoder", "_attn_implementation", "attn_implementation",
+    "tokenizer_class", "quantization_config_ignored", "pruned_heads", "tf_legacy_loss",
+    "use_bfloat16", "torchscript", "task_specific_params", "finetuning_task", "prefix",
+    "sep_token_id", "decoder_start_token_id", "add_cross_attention", "tie_encoder_decoder",
+    "cross_attention_hidden_size", "is_decoder", "bad_words_ids", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "transformers.js_config", "layer_types",
+})
+# Keys that must hold these values: anything else changes the maths.
+_HF_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+              "original_max_position_embeddings", "partial_rotary_factor"}
+
+
+def _from_hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("model_type", "llama") != "llama":
+        raise ConfigError(f"unsupported model_type {hf.get('model_type')!r} (only 'llama')")
+    for key, want in _HF_REQUIRED.items():
+        if key in hf and hf[key] != want:
+            raise ConfigError(f"unsupported {key}={hf[key]!r} (only {want!r} is implemented)")
+    rope_keys = {"rope_parameters", "rope_theta", "rope_scaling"}
+    unknown = sorted(set(hf) - set(_HF_FIELDS) - _HF_IGNORED - set(_HF_REQUIRED) - rope_keys)
+    if unknown:
+        raise ConfigError(f"unsupported HF config keys: {', '.join(unknown)}")
+    missing = [k for k in _HF_FIELDS[:6] if k not in hf]
+    if missing:
+        raise ConfigError(f"HF config lacks required keys: {', '.join(missing)}")
+    fields = {k: hf[k] for k in _HF_FIELDS if hf.get(k) is not None}
+    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if isinstance(fields.get(k), list):  # Llama-3.1 lists several EOS ids; the first is the pad/stop id
+            fields[k] = fields[k][0]
+    fields.update(_rope_from_hf(hf))
+    return fields
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    rope = hf.get("rope_parameters")
+    if rope is None:  # transformers < 5: rope_theta at top level, optional rope_scaling dict
+        rope = dict(hf.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    unknown = sorted(set(rope) - _ROPE_KEYS)
+    if unknown:
+        raise ConfigError(f"unsupported rope parameters: {', '.join(unknown)}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"unsupported partial_rotary_factor={rope['partial_rotary_factor']!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    out: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", 10000.0))}
+    if kind == "default":
+        out["rope_scaling"] = None
+    elif kind == "llama3":
+        try:
+            out["rope_scaling"] = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            )
+        except KeyError as e:
+            raise ConfigError(f"llama3 rope scaling lacks {e.args[0]!r}") from None
+    else:
+        raise ConfigError(f"unsupported rope_type {kind!r} (supported: default, llama3)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Generic YAML <-> dataclass plumbing
+
+
+def from_dict(cls, data: dict[str, Any] | None, where: str = ""):
+    """Builds dataclass `cls` from a nested dict; unknown keys are errors."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join((where + '.' if where else '') + k for k in unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _coerce(tp, value, where):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (elem, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(elem, v, where) for v in value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """The nested plain-dict form of a config (JSON/YAML safe)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Applies `a.b=c` overrides (values parsed as YAML scalars) to a nested dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data

@@ -102,11 +102,10 @@ class Llama(nnx.Module):
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         attn = self.attn_inputs(attention_mask, position_ids)
         h0 = self.embed(input_ids)
-        h, outs = self.run_layers(h0, attn, collect=output_hidden_states)
-        logits = self.unembed(h)
         if not output_hidden_states:
-            return logits
-        return logits, jnp.stack([h0, *outs[:-1], self.norm(h)])
+            return self.unembed(self.run_layers(h0, attn))
+        h, outs = self.run_layers(h0, attn, collect=True)
+        return self.unembed(h), jnp.stack([h0, *outs[:-1], self.norm(h)])
 
 
 def init_llama(cfg: ModelConfig, seed: int = 0) -> Llama:

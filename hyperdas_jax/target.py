@@ -1,0 +1,152 @@
+"""A converted target model on disk (Orbax params + config + HF tokenizer) and the scripting entry point."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import tempfile
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from hyperdas_jax.config import ConfigError, ModelConfig, from_dict, to_dict
+from hyperdas_jax.models.llama import Llama
+from hyperdas_jax.sharding import abstract_module
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+INFO_FILE = "conversion.json"
+
+
+class TargetError(ValueError):
+    """A missing, incomplete or mismatched target checkpoint."""
+
+
+def save_target(out: str | pathlib.Path, model: Llama, tokenizer=None, *, info: dict | None = None,
+                overwrite: bool = False) -> pathlib.Path:
+    """Writes `out/` atomically: everything goes to a sibling temp dir that is renamed at the end.
+
+    Layout: `model_config.json` (ModelConfig), `params/` (Orbax), the tokenizer's HF files
+    (loadable with `AutoTokenizer.from_pretrained(out)`), and `conversion.json` (provenance).
+    """
+    out = pathlib.Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise TargetError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / PARAMS_DIR, nnx.state(model, nnx.Param))
+        checkpointer.wait_until_finished()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / INFO_FILE).write_text(json.dumps(info or {}, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_model_config(path: str | pathlib.Path, **overrides) -> ModelConfig:
+    """The ModelConfig stored in a converted target directory (fields may be overridden, e.g. dtype)."""
+    file = pathlib.Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise TargetError(f"{path} is not a converted target: {CONFIG_FILE} missing "
+                          "(convert one with tools/convert_hf_llama.py)")
+    try:
+        data = json.loads(file.read_text())
+        data.update(overrides)
+        return from_dict(ModelConfig, data, "model")
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise TargetError(f"{file}: {e}") from None
+
+
+def restore_model(path: str | pathlib.Path, *, mesh=None, **overrides) -> Llama:
+    """Restores the Orbax parameters straight into (possibly sharded) arrays.
+
+    `overrides` may change `dtype` or `param_dtype`; parameters are restored in their stored
+    dtype and cast afterwards.
+    """
+    stored_cfg = read_model_config(path)
+    cfg = read_model_config(path, **overrides)
+    params = pathlib.Path(path).absolute() / PARAMS_DIR
+    if not params.is_dir():
+        raise TargetError(f"{path}: parameter directory {PARAMS_DIR}/ missing")
+    _, abstract = abstract_module(lambda: Llama(stored_cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, _ = abstract_module(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    try:
+        state = ocp.StandardCheckpointer().restore(params, abstract)
+    except Exception as e:  # orbax raises many exception types; the message is what matters
+        raise TargetError(f"{params}: cannot restore parameters ({type(e).__name__}: {str(e)[:300]})") from None
+    dtype = jnp.dtype(cfg.param_dtype)
+    state = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, state)
+    return nnx.merge(graphdef, state)
+
+
+class Target:
+    """A frozen target model ready to script against: `.config`, `.tokenizer`, `.model`, `__call__`."""
+
+    def __init__(self, model: Llama, tokenizer=None, path: str | None = None):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.path = path
+        graphdef, state = nnx.split(model)
+        self._graphdef, self._state = graphdef, state
+
+        def logits_fn(state, ids, mask, pos):
+            return nnx.merge(graphdef, state)(ids, mask, pos)
+
+        self._logits = jax.jit(logits_fn)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None) -> jax.Array:
+        """Logits (b, t, v) float32 for ids (b, t); numpy or jax inputs. Default positions ignore left pads."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, time), got shape {ids.shape}")
+        mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        if position_ids is None:
+            position_ids = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        pos = jnp.asarray(position_ids, jnp.int32)
+        return self._logits(self._state, ids, mask, pos)
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ids and mask (b, t) for a list of strings, using the tokenizer's own BOS rule."""
+        if self.tokenizer is None:
+            raise ValueError("this target has no tokenizer")
+        enc = self.tokenizer(list(texts), padding=True, return_tensors="np")
+        return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+    def greedy(self, texts: list[str], max_new_tokens: int = 8) -> list[str]:
+        """Greedy completions. The buffer has a fixed width, so one program is compiled for all steps."""
+        ids, mask = self.encode(texts)
+        b, t = ids.shape
+        ids = np.concatenate([ids, np.zeros((b, max_new_tokens), np.int32)], axis=1)
+        mask = np.concatenate([mask, np.zeros((b, max_new_tokens), np.int32)], axis=1)
+        for step in range(max_new_tokens):
+            # Empty slots on the right are masked and, by causality, never seen by earlier positions.
+            logits = self(ids, mask)
+            ids[:, t + step] = np.asarray(jnp.argmax(logits[:, t + step - 1], axis=-1))
+            mask[:, t + step] = 1
+        return [self.tokenizer.decode(row, skip_special_tokens=False) for row in ids[:, t:]]
+
+
+def load_target(path: str | pathlib.Path, *, mesh=None, **overrides) -> Target:
+    """Loads a converted target directory. `overrides` change config fields such as `dtype="bfloat16"`."""
+    path = pathlib.Path(path)
+    model = restore_model(path, mesh=mesh, **overrides)
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return Target(model, tokenizer, str(path))

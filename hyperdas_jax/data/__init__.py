@@ -1,0 +1,1 @@
+"""Host-side RAVEL data: raw archive, example generation, model filter, storage, collation."""

@@ -31,3 +31,13 @@ def smollm2_gguf() -> pathlib.Path:
     files = sorted(folder.glob("*.gguf"))
     assert files, f"no .gguf file inside {folder}"
     return files[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_target_dir(tmp_path_factory, smollm2_gguf) -> pathlib.Path:
+    """SmolLM2 converted once per test session by the real CLI."""
+    from tools import convert_hf_llama
+
+    out = tmp_path_factory.mktemp("targets") / "smollm2"
+    assert convert_hf_llama.main(["--source", str(smollm2_gguf), "--out", str(out)]) == 0
+    return out

@@ -1,0 +1,282 @@
+"""Selection head against a naive numpy reference, hard inference modes, sparsity loss and its schedule."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hyperdas_jax.config import ModelConfig
+from hyperdas_jax.models.selection import SelectionHead, select, sparsity_loss, sparsity_weight
+from hyperdas_jax.sharding import create_sharded
+
+CFG = ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)
+D, N, NK, H = 64, 4, 2, 16
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen numpy reference of method notes §4.1, written the naive way (float64).
+
+
+def _rope_np(x, pos, theta):
+    """HF rotate-half RoPE: x (..., h), integer positions pos (...)."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, h, 2) / h)
+    freqs = pos[..., None].astype(np.float64) * inv_freq
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    return x * np.cos(emb) + np.concatenate([-x2, x1], axis=-1) * np.sin(emb)
+
+
+def reference_selection(wq, wk, wc, z, epos, base, bmask, src, smask, swap=False, theta=500000.0):
+    b, tb, d = base.shape
+    ts = src.shape[1]
+    n, nk = wq.shape[1] // H, wk.shape[1] // H
+    feats = np.zeros((b, ts + 1, tb, d))
+    for i in range(ts):
+        for j in range(tb):
+            cat = np.concatenate([src[:, i], base[:, j]], -1) if swap else np.concatenate([base[:, j], src[:, i]], -1)
+            feats[:, i, j] = cat @ wc  # C·[b_j; s_i] with C stored [in, out]
+    feats[:, ts] = base  # SELF row: raw base vector
+    mask = np.ones((b, ts + 1, tb))
+    mask[:, :ts] = smask[:, :, None] * bmask[:, None, :]
+    flat = mask.reshape(b, -1)
+    pos = (np.cumsum(flat, axis=1) * flat).astype(np.int64)  # (b, P)
+    keys = (feats.reshape(b, -1, d) @ wk).reshape(b, -1, nk, H)
+    keys = _rope_np(keys, pos[:, :, None].repeat(nk, 2), theta)
+    q = (z @ wq).reshape(b, n, H)
+    q = _rope_np(q, epos[:, None].repeat(n, 1), theta)
+    scores = np.zeros((b, n, flat.shape[1]))
+    for head in range(n):
+        scores[:, head] = np.einsum("bh,bph->bp", q[:, head], keys[:, :, head // (n // nk)]) / np.sqrt(H)
+    logits = scores.mean(1).reshape(b, ts + 1, tb)
+    logits = np.where(mask > 0, logits, -np.inf)
+    logits = logits - logits.max(1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def fresh_head():
+    return create_sharded(lambda: SelectionHead(CFG, rngs=nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def head_and_weights(fresh_head):
+    head = nnx.clone(fresh_head)
+    rng = np.random.default_rng(0)
+    # Larger than the N(0, 0.02) init so the logits are O(1) and positions/masks visibly matter.
+    w = {"q_proj": rng.normal(0, 0.3, (D, N * H)), "k_proj": rng.normal(0, 0.3, (D, NK * H)),
+         "q_combine": rng.normal(0, 0.3, (2 * D, D))}
+    for name, value in w.items():
+        getattr(head, name).kernel[...] = jnp.asarray(value, jnp.float32)
+    return head, w
+
+
+def _inputs(seed=1, b=3, ts=4, tb=5):
+    rng = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    z = rng.normal(0, 1.0, (b, D))
+    base = unit(rng.normal(size=(b, tb, D)))
+    src = unit(rng.normal(size=(b, ts, D)))
+    bmask = np.array([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])[:b, :tb]
+    smask = np.array([[0, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 1]])[:b, :ts]
+    epos = np.array([7, 3, 12])[:b]
+    return z, epos, base, bmask, src, smask
+
+
+@functools.partial(nnx.jit, static_argnames="swap")
+def _apply(head, z, epos, base, bmask, src, smask, swap=False):
+    return head(z, epos, base, bmask, src, smask, swap=swap)
+
+
+def _run(head, z, epos, base, bmask, src, smask, swap=False):
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    args = (f(z), jnp.asarray(epos), f(base), jnp.asarray(bmask), f(src), jnp.asarray(smask))
+    if isinstance(swap, bool):
+        return np.asarray(_apply(head, *args, swap=swap))
+    return np.asarray(_apply_traced_swap(head, *args, swap))
+
+
+@nnx.jit
+def _apply_traced_swap(head, z, epos, base, bmask, src, smask, swap):
+    return head(z, epos, base, bmask, src, smask, swap=swap)  # swap is a tracer here
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_head_matches_naive_reference(head_and_weights, swap):
+    head, w = head_and_weights
+    z, epos, base, bmask, src, smask = _inputs()
+    want = reference_selection(w["q_proj"], w["k_proj"], w["q_combine"], z, epos, base, bmask, src, smask, swap=swap)
+    got = _run(head, z, epos, base, bmask, src, smask, swap=swap)
+    assert got.shape == (3, 5, 5) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert want[:, :-1].max() > 0.3  # the reference is far from uniform, so the comparison means something
+
+
+def test_swap_as_traced_flag(head_and_weights):
+    head, _ = head_and_weights
+    args = _inputs()
+    np.testing.assert_allclose(_run(head, *args, swap=jnp.asarray(True)), _run(head, *args, swap=True), atol=1e-6)
+    assert np.abs(_run(head, *args, swap=True) - _run(head, *args)).max() > 1e-3
+
+
+def test_masking_is_exact(head_and_weights):
+    head, _ = head_and_weights
+    z, epos, base, bmask, src, smask = _inputs()
+    a = _run(head, z, epos, base, bmask, src, smask)
+    for b in range(3):
+        for j in range(5):
+            if not bmask[b, j]:
+                assert a[b, -1, j] == 1.0 and np.all(a[b, :-1, j] == 0.0)
+        for i in range(4):
+            if not smask[b, i]:
+                assert np.all(a[b, i] == 0.0)
+    np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-6)
+
+
+def test_all_pad_row_no_nan(head_and_weights):
+    head, _ = head_and_weights
+    z, epos, base, bmask, src, smask = _inputs()
+    bmask, smask, z = bmask.copy(), smask.copy(), z.copy()
+    bmask[1], smask[1], z[1], epos[1] = 0, 0, 0.0, 0
+    a = _run(head, z, epos, base, bmask, src, smask)
+    assert np.isfinite(a).all()
+    assert np.all(a[1, -1] == 1.0) and np.all(a[1, :-1] == 0.0)
+
+    gd, params, rest = nnx.split(head, nnx.Param, ...)
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=a.shape), jnp.float32)
+
+    def loss(p):
+        out = nnx.merge(gd, p, rest)(jnp.asarray(z, jnp.float32), jnp.asarray(epos), jnp.asarray(base, jnp.float32),
+                                     jnp.asarray(bmask), jnp.asarray(src, jnp.float32), jnp.asarray(smask))
+        return jnp.sum(out * weights)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for leaf in jax.tree.leaves(grads):
+        assert np.isfinite(np.asarray(leaf)).all() and np.abs(np.asarray(leaf)).max() > 0
+
+
+def test_init_is_normal_002_float32(fresh_head):
+    head = fresh_head
+    for name, shape in [("q_proj", (D, N * H)), ("k_proj", (D, NK * H)), ("q_combine", (2 * D, D))]:
+        kernel = np.asarray(getattr(head, name).kernel[...])
+        assert kernel.shape == shape and kernel.dtype == np.float32
+        assert abs(kernel.std() - 0.02) < 0.002 and abs(kernel.mean()) < 0.002
+    assert not hasattr(head, "v_proj") and not hasattr(head, "o_proj")
+
+
+# --------------------------------------------------------------------------------------------
+# Hard selection on hand-built matrices (rows: source tokens, then SELF; columns: base tokens).
+
+# s0 is the best source for base columns 0 and 1.
+A1 = [[0.6, 0.5, 0.0],
+      [0.1, 0.2, 0.3],
+      [0.3, 0.3, 0.7]]
+# Exact ties (binary fractions): s0 vs SELF in column 0, s1's row ties between columns 1 and 2.
+A2 = [[0.5, 0.0, 0.25],
+      [0.0, 0.0625, 0.0625],
+      [0.0, 0.875, 0.125],
+      [0.5, 0.0625, 0.5625]]
+# s0's bid on column 0 (0.0625) only ties SELF there; the 0.1 floor makes SELF win.
+A3 = [[0.0625, 0.0],
+      [0.875, 0.9375],
+      [0.0625, 0.0625]]
+
+
+_select = jax.jit(select, static_argnames=("mode", "threshold"))
+
+
+def _sel(a, mode, **kw):
+    out = np.asarray(_select(jnp.asarray([a], jnp.float32), mode, **kw))[0]
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out.sum(0), 1.0)
+    return out.tolist()
+
+
+def test_soft_is_identity():
+    assert _sel(A2, "soft") == A2
+    assert _sel(A2, None) == A2
+
+
+def test_column_argmax():
+    assert _sel(A1, "column_argmax") == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]  # s0 wins two columns
+    assert _sel(A2, "column_argmax") == [[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 1]]  # tie: s0 beats SELF
+    assert _sel(A3, "column_argmax") == [[0, 0], [1, 1], [0, 0]]
+
+
+def test_bidding_argmax():
+    assert _sel(A1, "bidding_argmax") == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]  # s0 wins only one column
+    # s0 ties SELF in column 0 and wins; s1 bids on column 1 (the lower of its tied columns) and loses to s2.
+    assert _sel(A2, "bidding_argmax") == [[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert _sel(A3, "bidding_argmax") == [[0, 0], [0, 1], [1, 0]]  # 0.0625 < 0.1 floor
+    assert _sel(A3, "bidding_argmax", threshold=0.0) == [[1, 0], [0, 1], [0, 0]]  # no floor: exact tie, s0 wins
+
+
+def test_global_argmax():
+    assert _sel(A1, "global_argmax") == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+    assert _sel(A2, "global_argmax") == [[0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]
+    all_self = [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    assert _sel(all_self, "global_argmax") == all_self  # nothing to pick: no intervention
+
+
+def test_masks_exclude_pairs_in_every_hard_mode():
+    bm = jnp.asarray([[0, 1, 1]])
+    assert _sel(A1, "column_argmax", base_mask=bm) == [[0, 1, 0], [0, 0, 0], [1, 0, 1]]
+    assert _sel(A1, "bidding_argmax", base_mask=bm) == [[0, 1, 0], [0, 0, 0], [1, 0, 1]]  # s0 bids on column 1
+    assert _sel(A1, "global_argmax", base_mask=bm) == [[0, 1, 0], [0, 0, 0], [1, 0, 1]]
+    sm = jnp.asarray([[0, 1, 1]])
+    assert _sel(A2, "global_argmax", source_mask=sm) == [[0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]
+    assert _sel(A2, "column_argmax", source_mask=sm) == [[0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]
+    # A masked source row as the head produces it (all zero) bids with weight 0 and never wins.
+    a = [[0.0, 0.0], [0.75, 0.5], [0.25, 0.5]]
+    assert _sel(a, "bidding_argmax") == [[0, 0], [1, 0], [0, 1]]
+
+
+def test_groundtruth():
+    a = jnp.full((3, 4, 3), 0.25, jnp.float32)  # ignored
+    out = np.asarray(_select(a, "groundtruth", source_entity_pos=jnp.asarray([2, 0, -1]),
+                            base_entity_pos=jnp.asarray([1, 2, 0])))
+    assert out[0].tolist() == [[0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]
+    assert out[1].tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 0], [1, 1, 0]]
+    assert out[2].tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 1, 1]]  # entity not found: untouched
+    with pytest.raises(ValueError):
+        select(a, "groundtruth")
+    with pytest.raises(ValueError):
+        select(a, "row_argmax")
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsity loss and schedule
+
+
+def test_sparsity_loss_values():
+    loss = jax.jit(sparsity_loss)
+    a = jnp.asarray([
+        [[0.5, 0.5, 0.25], [0.25, 0.5, 0.5], [0.25, 0.0, 0.25]],  # S = 1.25, 1.25 -> 2.5
+        [[0.5, 0.25, 0.25], [0.25, 0.25, 0.25], [0.25, 0.5, 0.5]],  # S = 1.0 (not > 1), 0.75 -> 0
+    ], jnp.float32)
+    assert float(loss(a)) == pytest.approx(1.25)
+    assert float(loss(a, valid=jnp.asarray([1, 0]))) == pytest.approx(2.5)
+    assert float(loss(a, valid=jnp.asarray([0, 1]))) == 0.0
+    assert float(loss(a, valid=jnp.asarray([0, 0]))) == 0.0
+    assert float(loss(a[:1, [0, 2]])) == pytest.approx(1.25)  # one source row only
+
+
+def test_sparsity_weight_schedule():
+    lin = np.linspace(0.15, 1.5, 11)
+    w = lambda s, **kw: float(sparsity_weight(s, 10, start=0.15, end=1.5, **kw))  # noqa: E731
+    assert w(0, warmup_ratio=0.5) == 0.0 and w(4, warmup_ratio=0.5) == 0.0
+    assert w(5, warmup_ratio=0.5) == pytest.approx(lin[5], abs=1e-6)  # jumps straight to 0.825
+    assert w(5, warmup_ratio=0.5) == pytest.approx(0.825, abs=1e-6)
+    assert w(10, warmup_ratio=0.5) == pytest.approx(1.5, abs=1e-7)
+    assert w(0) == pytest.approx(0.15, abs=1e-7) and w(3) == pytest.approx(lin[3], abs=1e-6)
+    assert w(7, warmup_ratio=0.7) == pytest.approx(lin[7], abs=1e-6)  # int(0.7 * 10) == 7
+    assert w(6, warmup_ratio=0.7) == 0.0
+    assert float(sparsity_weight(123, 10, start=0.25, end=9.0, warmup_ratio=0.5, schedule="constant")) == 0.25
+    traced = jax.jit(lambda s: sparsity_weight(s, 10, start=0.15, end=1.5, warmup_ratio=0.5))
+    assert [float(traced(jnp.asarray(s))) for s in (4, 5)] == [0.0, pytest.approx(0.825, abs=1e-6)]
+    with pytest.raises(ValueError):
+        sparsity_weight(0, 10, start=0.1, end=1.0, schedule="cosine")

@@ -236,8 +236,11 @@ def _coerce(tp, value, where):
             value = [value]
         (elem, *_rest) = typing.get_args(tp) or (Any,)
         return tuple(_coerce(elem, v, where) for v in value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp in (int, str, bool) and not isinstance(value, tp) or tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -276,3 +279,156 @@ def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """The frozen target: a converted checkpoint directory, or a random model (tests, benchmarks)."""
+
+    path: str | None = None
+    random: ModelConfig | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str | None = None  # storage dtype override (bfloat16 halves a large target's memory)
+    remat: bool = False  # rematerialise the target's blocks [L, n) in the backward pass
+
+    def __post_init__(self):
+        if (self.path is None) == (self.random is None):
+            raise ConfigError("target: give exactly one of target.path (converted checkpoint) or target.random")
+
+
+@dataclasses.dataclass(frozen=True)
+class HypernetConfig:
+    """The HyperDAS editor (§3): N truncated target blocks with source and base cross-attention."""
+
+    num_layers: int = 2
+    init: str = "target"  # "target": copy the target's first N blocks; "scratch": PyTorch default init
+    self_attention: str = "causal"  # "causal", or "original" (bidirectional when no editor row is padded)
+    source_cross_attention: bool = True
+    base_cross_attention: bool = True
+    break_asymmetric: bool = False  # random [s;b] vs [b;s] order in the selection head's pair features
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.init not in ("target", "scratch"):
+            raise ConfigError(f"hypernet.init must be 'target' or 'scratch', got {self.init!r}")
+        if self.self_attention not in ("causal", "original"):
+            raise ConfigError(f"hypernet.self_attention must be 'causal' or 'original', got {self.self_attention!r}")
+        if self.num_layers < 1:
+            raise ConfigError("hypernet.num_layers must be >= 1")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"hypernet.{name} must be one of {DTYPES}")
+
+
+SUBSPACES = ("reflect", "das", "mask", "boundless", "none")
+MODES = ("soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth")
+
+
+@dataclasses.dataclass(frozen=True)
+class InterventionConfig:
+    """Where and how the target is patched (§5, §6)."""
+
+    layer: int = 15  # patches hs[layer], the residual stream entering block `layer`
+    subspace: str = "reflect"
+    rank: int = 128
+    mlp_hidden: int | None = None  # ReflectSelect/MaskSelect MLP width; None: the target's intermediate size
+    temperature_start: float = 50.0
+    temperature_end: float = 0.1
+    bidding_threshold: float = 0.1
+
+    def __post_init__(self):
+        if self.subspace not in SUBSPACES:
+            raise ConfigError(f"intervention.subspace must be one of {SUBSPACES}, got {self.subspace!r}")
+        if self.rank < 1:
+            raise ConfigError("intervention.rank must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """Source-selection sparsity penalty and its weight schedule (§4.3)."""
+
+    enabled: bool = True
+    schedule: str = "linear"  # "linear" (HEAD) or "constant" (the paper's result-time setting)
+    start: float = 0.15
+    end: float = 1.5
+    warmup_ratio: float = 0.5
+
+    def __post_init__(self):
+        if self.schedule not in ("linear", "constant"):
+            raise ConfigError(f"train.sparsity.schedule must be 'linear' or 'constant', got {self.schedule!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (§7)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 4e-5
+    weight_decay: float = 0.01
+    rotate_lr: float = 1e-3  # R (any parameter under a `rotate_layer`), no weight decay
+    mask_lr: float = 1e-2  # MaskSelect / BoundlessDAS `mask_projection`
+    clip_norm: float = 4.0
+    causal_loss_weight: float = 3.5
+    iso_loss_weight: float = 0.5
+    sparsity: SparsityConfig = SparsityConfig()
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    modes: tuple[str, ...] = ("soft", "bidding_argmax")
+    n_answer_tokens: int | None = 3  # exact match over the first k answer tokens; None: all of them
+    batch_size: int = 16
+    heatmaps: int = 4
+
+    def __post_init__(self):
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ConfigError(f"eval.modes: unknown mode(s) {bad}; choose from {MODES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: str | None = None  # arrow folder written by tools/prepare_ravel.py
+    test: str | None = None
+    validation: str | None = None
+    base_suffix_visible: bool = False
+    source_suffix_visible: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    shape: tuple[int, ...] = (1, 1, 1)  # (data, fsdp, tensor); one entry may be -1
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+
+    def __post_init__(self):
+        if len(self.shape) != 3 or list(self.shape).count(-1) > 1:
+            raise ConfigError(f"mesh.shape must be (data, fsdp, tensor) with at most one -1, got {self.shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    target: TargetConfig = TargetConfig(random=ModelConfig())
+    hypernet: HypernetConfig = HypernetConfig()
+    intervention: InterventionConfig = InterventionConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    name: str = "experiment"
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides=()) -> ExperimentConfig:
+    """ExperimentConfig from a YAML file (or defaults) with `a.b=c` overrides; unknown keys are errors."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(ExperimentConfig, apply_overrides(data, list(overrides)))

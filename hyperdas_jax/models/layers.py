@@ -220,4 +220,5 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, attn: AttnInputs) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), attn)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "seq", "embed"))
+        # Activations keep the model axis whole: "embed" names the fsdp-sharded axis of *parameters*.
+        return constrain(x, ("batch", "seq", None))

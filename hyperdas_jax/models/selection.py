@@ -51,7 +51,8 @@ class SelectionHead(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, z_last: jax.Array, editor_pos_last: jax.Array, base_l: jax.Array, base_mask: jax.Array,
-                 source_l: jax.Array, source_mask: jax.Array, *, swap: bool | jax.Array = False) -> jax.Array:
+                 source_l: jax.Array, source_mask: jax.Array, *, swap: bool | jax.Array = False,
+                 base_attention_mask: jax.Array | None = None) -> jax.Array:
         """Soft assignment A of base positions to source positions or SELF (method notes §4.1).
 
         Args:
@@ -63,6 +64,10 @@ class SelectionHead(nnx.Module):
           source_mask: (b, i) source intervention mask.
           swap: the `break_asymmetric` coin: True concatenates [s_i; b_j] instead of [b_j; s_i].
             A Python bool or a traced scalar bool.
+          base_attention_mask: (b, j) real-token mask of the base. When given, only real base tokens
+            advance the SELF row's RoPE positions, so A does not depend on how much left padding a
+            batch has. The original counts every SELF entry, pads included (the same thing when a
+            batch has no padding, e.g. batch size 1); None reproduces that.
         Returns:
           A (b, i+1, j) float32, softmax over axis 1; row i (the last) is SELF. A masked base
           column has A[SELF] = 1 exactly, a masked source row is exactly 0. All inputs must be
@@ -110,7 +115,10 @@ class SelectionHead(nnx.Module):
         # Pair mask and RoPE positions cumsum(M)·M over the row-major flattened (i, j) axis, SELF row last.
         pair_mask = source_mask.astype(bool)[:, :, None] & base_mask.astype(bool)[:, None, :]  # (b, i, j)
         full_mask = jnp.concatenate([pair_mask, jnp.ones((b, 1, tb), bool)], axis=1)  # (b, i+1, j)
-        flat = full_mask.reshape(b, (ts + 1) * tb).astype(jnp.int32)
+        counted = full_mask
+        if base_attention_mask is not None:
+            counted = jnp.concatenate([pair_mask, base_attention_mask.astype(bool)[:, None, :]], axis=1)
+        flat = counted.reshape(b, (ts + 1) * tb).astype(jnp.int32)
         pos = (jnp.cumsum(flat, axis=1) * flat).reshape(b, ts + 1, tb)  # (b, i+1, j)
         angle = pos.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (b, i+1, j, r)
         cos, sin = jnp.cos(angle), jnp.sin(angle)

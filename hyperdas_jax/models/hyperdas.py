@@ -1,0 +1,124 @@
+"""The trainable HyperDAS model (editor + selection head + subspace) and its forward through the frozen target.
+
+Target passes per step: one clean pass on the source and one on the base (hidden states only, no
+LM head), then blocks [L, n) once more from the patched hs[L] of the clean base (blocks [0, L)
+of the intervened run would recompute exactly the clean base's hs[L], §2), with logits only at
+the answer positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hyperdas_jax.config import ExperimentConfig, ModelConfig
+from hyperdas_jax.models.hypernet import HyperNetwork, copy_from_target, editor_config, make_memory, unit_normalise
+from hyperdas_jax.models.intervention import make_subspace, mix_sources, temperature
+from hyperdas_jax.models.llama import Llama
+from hyperdas_jax.models.selection import select
+
+
+class HyperDAS(nnx.Module):
+    """Everything HyperDAS trains: `hypernet`, `head` (selection), `subspace` (e.g. ReflectSelect)."""
+
+    def __init__(self, target_cfg: ModelConfig, cfg: ExperimentConfig, *, rngs: nnx.Rngs):
+        from hyperdas_jax.models.selection import SelectionHead
+
+        if not 0 <= cfg.intervention.layer < target_cfg.num_hidden_layers:
+            raise ValueError(f"intervention.layer={cfg.intervention.layer} must be in [0, "
+                             f"{target_cfg.num_hidden_layers}) for this target")
+        if cfg.intervention.layer == 0 and cfg.intervention.subspace != "none":
+            # As in the original: at the embeddings only the full-vector patch is defined.
+            raise ValueError("intervention.layer=0 requires intervention.subspace=none")
+        ecfg = editor_config(target_cfg, cfg.hypernet)
+        iv = cfg.intervention
+        rank = min(iv.rank, target_cfg.hidden_size)
+        self.hypernet = HyperNetwork(target_cfg, cfg.hypernet, rngs=rngs)
+        self.head = SelectionHead(ecfg, rngs=rngs)
+        hidden = iv.mlp_hidden or target_cfg.intermediate_size
+        self.subspace = make_subspace(iv.subspace, ecfg, rank, hidden, rngs=rngs)
+
+
+def build_hyperdas(target: Llama, cfg: ExperimentConfig, *, seed: int = 0, mesh=None) -> HyperDAS:
+    """A HyperDAS model for `target`, initialised from it as the config says (params born sharded)."""
+    from hyperdas_jax.sharding import create_sharded
+
+    def init():
+        model = HyperDAS(target.config, cfg, rngs=nnx.Rngs(seed))
+        copy_from_target(model.hypernet, target)
+        return model
+
+    return create_sharded(init, mesh)
+
+
+class Outputs(NamedTuple):
+    logits: jax.Array  # (b, w, v) float32 at the last w prediction positions (w = labels window)
+    labels: jax.Array  # (b, w) the labels those logits predict (-100 = none)
+    selection: jax.Array  # (b, t_s+1, t_b) the A actually used (after the inference mode)
+    soft_selection: jax.Array  # (b, t_s+1, t_b) the head's soft A
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardSpec:
+    """Static choices of one compiled forward."""
+
+    layer: int
+    mode: str = "soft"
+    window: int = 8  # logits are computed for the last `window` label positions only
+    total_steps: int = 1
+    temperature_start: float = 50.0
+    temperature_end: float = 0.1
+    bidding_threshold: float = 0.1
+    break_asymmetric: bool = False
+    remat: bool = False
+
+
+def clean_hidden_states(target: Llama, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Frozen target hidden states (n+1, b, t, d) with real tokens at positions 0, 1, ... (pads ignored)."""
+    return jax.lax.stop_gradient(target.hidden_states(ids, mask))
+
+
+def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step=0, rng=None) -> Outputs:
+    """HyperDAS forward on a collated batch (see hyperdas_jax/data/collate.py for the keys and shapes)."""
+    L = spec.layer
+    ecfg = model.hypernet.config
+    hs_base = clean_hidden_states(target, batch["base_ids"], batch["base_mask"])  # (n+1, b, tb, d)
+    hs_src = clean_hidden_states(target, batch["source_ids"], batch["source_mask"])  # (n+1, b, ts, d)
+    base_iv, src_iv = batch["base_intervention_mask"], batch["source_intervention_mask"]
+
+    z, pos = model.hypernet(batch["editor_ids"], batch["editor_mask"],
+                            make_memory(hs_src, src_iv, ecfg), make_memory(hs_base, base_iv, ecfg))
+    z_last, pos_last = z[:, -1], pos[:, -1]  # left padding: the last token is real
+
+    swap = False
+    if spec.break_asymmetric:
+        key = jax.random.fold_in(rng if rng is not None else jax.random.key(0), step)
+        swap = jax.random.bernoulli(key)  # one coin for the whole batch, as in the original
+    soft = model.head(z_last, pos_last, unit_normalise(hs_base[L]), base_iv, unit_normalise(hs_src[L]), src_iv,
+                      swap=swap, base_attention_mask=batch["base_mask"])
+    a = select(soft, spec.mode, base_entity_pos=batch.get("base_entity_pos"),
+               source_entity_pos=batch.get("source_entity_pos"), threshold=spec.bidding_threshold)
+
+    base_l, src_l = hs_base[L], hs_src[L]  # raw residual streams entering block L
+    mixed = mix_sources(a, base_l, src_l)
+    tau = temperature(step, spec.total_steps, spec.temperature_start, spec.temperature_end)
+    patched = model.subspace(z_last, base_l, mixed, temperature=tau)
+
+    attn = target.attn_inputs(batch["base_mask"])
+    h = run_upper_blocks(target, patched, attn, L, spec.remat)
+    w = spec.window
+    logits = target.unembed(h[:, -w - 1:-1])  # position t-1 predicts the label at t
+    return Outputs(logits, batch["labels"][:, -w:], a, soft)
+
+
+def run_upper_blocks(target: Llama, h: jax.Array, attn, start: int, remat: bool) -> jax.Array:
+    """Blocks [start, n) of the frozen target; with `remat` each block is recomputed in the backward pass."""
+    if not remat:
+        return target.run_layers(h, attn, start)
+    for layer in target.layers[start:]:
+        h = nnx.remat(lambda layer, h, attn: layer(h, attn))(layer, h, attn)
+    return h

@@ -1,0 +1,215 @@
+"""Loss, optimizer, and the jitted HyperDAS train and eval steps (pure functions of explicit state)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hyperdas_jax.config import ExperimentConfig, TrainConfig
+from hyperdas_jax.models.hyperdas import ForwardSpec, forward
+from hyperdas_jax.models.selection import sparsity_loss, sparsity_weight
+
+IGNORE = -100
+WINDOWS = (4, 8, 16, 32, 64, 128)  # label-window buckets: a handful of compiled programs
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and metrics
+
+
+def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token NLL (b, w) (0 where labels == IGNORE) and the label mask (b, w)."""
+    valid = labels != IGNORE
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, nll, 0.0), valid
+
+
+def answer_loss(logits, labels, is_causal, valid_rows, causal_weight: float, iso_weight: float):
+    """§7.1: mean over all answer tokens of w·NLL, w = causal/isolate weight (a plain mean, not / Σw)."""
+    nll, tok = token_nll(logits, labels)
+    tok = tok & valid_rows[:, None]
+    w = jnp.where(is_causal, causal_weight, iso_weight)[:, None]
+    count = jnp.maximum(jnp.sum(tok), 1)
+    return jnp.sum(jnp.where(tok, w * nll, 0.0)) / count, jnp.sum(jnp.where(tok, nll, 0.0)) / count
+
+
+def exact_match(logits: jax.Array, labels: jax.Array, k: int | None) -> jax.Array:
+    """(b,) bool: teacher-forced argmax equals the gold token at each of the first k answer tokens."""
+    valid = labels != IGNORE
+    index = jnp.cumsum(valid, axis=1) - 1
+    considered = valid & (index < k) if k is not None else valid
+    hit = jnp.argmax(logits, axis=-1) == labels
+    return jnp.all(jnp.where(considered, hit, True), axis=1) & jnp.any(considered, axis=1)
+
+
+def label_window(labels: np.ndarray) -> int:
+    """Smallest bucket covering every label position (answers sit at the end of the left-padded base)."""
+    labels = np.asarray(labels)
+    has = (labels != IGNORE).any(axis=0)
+    if not has.any():
+        raise ValueError("batch has no label tokens")
+    span = labels.shape[1] - int(np.argmax(has))
+    for w in WINDOWS:
+        if span <= w and w < labels.shape[1]:
+            return w
+    return labels.shape[1] - 1 if span < labels.shape[1] else _raise_label_at_zero()
+
+
+def _raise_label_at_zero():
+    raise ValueError("a label sits at position 0, where nothing predicts it")
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def param_group(path) -> str:
+    """Optimizer group of a parameter path: R (`rotate_layer`), MaskSelect/boundary (`mask_projection`), the rest."""
+    key = jax.tree_util.keystr(path)
+    if "rotate_layer" in key:
+        return "rotate"
+    if "mask_projection" in key:
+        return "mask"
+    return "default"
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm, then per-group AdamW (β 0.9/0.999, ε 1e-8), constant learning rates (§7.3)."""
+    groups = {
+        "default": optax.adamw(cfg.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
+        "rotate": optax.adamw(cfg.rotate_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
+        "mask": optax.adamw(cfg.mask_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
+    }
+    labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)  # noqa: E731
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(groups, labels))
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """Static pieces of the compiled steps: module structures and hyperparameters (no weights)."""
+
+    graphdef: Any
+    target_graphdef: Any
+    spec: ForwardSpec
+    train: TrainConfig
+    n_answer_tokens: int | None = 3
+
+
+def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int = 8) -> ForwardSpec:
+    iv = cfg.intervention
+    return ForwardSpec(layer=iv.layer, mode=mode, window=window, total_steps=cfg.train.steps,
+                       temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
+                       bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,
+                       remat=cfg.target.remat)
+
+
+def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):
+    model = nnx.merge(ctx.graphdef, params)
+    target = nnx.merge(ctx.target_graphdef, target_state)
+    out = forward(model, target, batch, ctx.spec, step, rng)
+    t = ctx.train
+    pred, plain = answer_loss(out.logits, out.labels, batch["is_causal"], batch["valid"],
+                              t.causal_loss_weight, t.iso_loss_weight)
+    sparsity = sparsity_loss(out.soft_selection, batch["valid"])
+    weight = 0.0
+    if t.sparsity.enabled:
+        s = t.sparsity
+        weight = sparsity_weight(step, t.steps, start=s.start, end=s.end, warmup_ratio=s.warmup_ratio,
+                                 schedule=s.schedule)
+    correct = exact_match(out.logits, out.labels, ctx.n_answer_tokens)
+    metrics = {"loss": pred + weight * sparsity, "pred_loss": pred, "nll": plain, "sparsity": sparsity,
+               "sparsity_weight": jnp.asarray(weight, jnp.float32),
+               "accuracy": jnp.sum(correct & batch["valid"]) / jnp.maximum(jnp.sum(batch["valid"]), 1)}
+    return pred + weight * sparsity, metrics
+
+
+def train_step(params, opt_state, target_state, batch, step, rng, *, ctx: StepContext, tx):
+    """One update. Only `params` (the HyperDAS tree) is differentiated; the target is an input."""
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, target_state, batch, step, rng, ctx)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return params, opt_state, metrics
+
+
+def eval_step(params, target_state, batch, *, ctx: StepContext):
+    """Logits at the answer window, the selection A used, and per-example exact match."""
+    model = nnx.merge(ctx.graphdef, params)
+    target = nnx.merge(ctx.target_graphdef, target_state)
+    out = forward(model, target, batch, ctx.spec, ctx.spec.total_steps)
+    nll, tok = token_nll(out.logits, out.labels)
+    return {"logits": out.logits, "labels": out.labels, "selection": out.selection,
+            "correct": exact_match(out.logits, out.labels, ctx.n_answer_tokens),
+            "nll": jnp.sum(nll, axis=1) / jnp.maximum(jnp.sum(tok, axis=1), 1)}
+
+
+def baseline_step(target_state, batch, *, target_graphdef, window: int, n_answer_tokens: int | None):
+    """The do-nothing baseline: the target on the base alone, scored with the same labels."""
+    target = nnx.merge(target_graphdef, target_state)
+    h = target.run_layers(target.embed(batch["base_ids"]), target.attn_inputs(batch["base_mask"]))
+    logits = target.unembed(h[:, -window - 1:-1])
+    labels = batch["labels"][:, -window:]
+    return {"logits": logits, "labels": labels, "correct": exact_match(logits, labels, n_answer_tokens)}
+
+
+class Steps:
+    """Jitted steps, compiled once per (mode, label window): state is donated in training, never the target."""
+
+    def __init__(self, model, target, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.graphdef, self.params = nnx.split(model, nnx.Param)
+        self.target_graphdef, self.target_state = nnx.split(target)
+        self.tx = make_optimizer(cfg.train)
+        self.n_answer_tokens = cfg.eval.n_answer_tokens
+
+    def init_opt_state(self, params):
+        """Optimizer state placed on the parameters' mesh (scalars replicated), so step 2 reuses step 1's program."""
+        mesh = jax.tree.leaves(params)[0].sharding.mesh
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        state = jax.jit(self.tx.init)(params)
+        return jax.tree.map(
+            lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated), state)
+
+    def context(self, mode: str, window: int) -> StepContext:
+        spec = spec_from_config(self.cfg, mode=mode, window=window)
+        return StepContext(self.graphdef, self.target_graphdef, spec, self.cfg.train, self.n_answer_tokens)
+
+    @functools.cache
+    def train_fn(self, window: int):
+        fn = functools.partial(train_step, ctx=self.context("soft", window), tx=self.tx)
+        return jax.jit(fn, donate_argnums=(0, 1))
+
+    @functools.cache
+    def eval_fn(self, mode: str, window: int):
+        return jax.jit(functools.partial(eval_step, ctx=self.context(mode, window)))
+
+    @functools.cache
+    def baseline_fn(self, window: int):
+        return jax.jit(functools.partial(baseline_step, target_graphdef=self.target_graphdef, window=window,
+                                         n_answer_tokens=self.n_answer_tokens))
+
+    def train(self, params, opt_state, batch, step, rng):
+        return self.train_fn(label_window(batch["labels"]))(params, opt_state, self.target_state, batch,
+                                                             jnp.asarray(step, jnp.int32), rng)
+
+    def evaluate(self, params, batch, mode: str = "soft"):
+        return self.eval_fn(mode, label_window(batch["labels"]))(params, self.target_state, batch)
+
+    def baseline(self, batch):
+        return self.baseline_fn(label_window(batch["labels"]))(self.target_state, batch)
+
+    def model(self, params):
+        """The HyperDAS module for a parameter state (for analysis outside the steps)."""
+        return nnx.merge(self.graphdef, params)

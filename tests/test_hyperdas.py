@@ -1,0 +1,205 @@
+"""HyperDAS end to end on a tiny random target: identities, masking, padding, gradient isolation, learning."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hyperdas_fixtures import left_pad, make_batch, tiny
+from hyperdas_jax.models.hypernet import HyperNetwork, make_memory
+from hyperdas_jax.sharding import create_sharded
+from hyperdas_jax.train import StepContext, Steps, label_window, loss_fn, spec_from_config
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg, target, model = tiny()
+    return cfg, target, Steps(model, target, cfg)
+
+
+def test_self_everywhere_leaves_target_unchanged(setup):
+    _, target, steps = setup
+    batch = make_batch(np.random.default_rng(0))
+    batch["base_intervention_mask"][:] = 0  # no base position may be patched => A[SELF] = 1 exactly
+    out = steps.evaluate(steps.params, batch, "soft")
+    sel = np.asarray(out["selection"])
+    np.testing.assert_array_equal(sel[:, -1], 1.0)
+    np.testing.assert_array_equal(sel[:, :-1], 0.0)
+    clean = np.asarray(target(batch["base_ids"], batch["base_mask"]))  # the plain forward (default positions)
+    w = out["logits"].shape[1]
+    np.testing.assert_allclose(np.asarray(out["logits"]), clean[:, -w - 1:-1], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(steps.baseline(batch)["correct"]), np.asarray(out["correct"]))
+
+
+def test_masks_and_padding_in_the_selection(setup):
+    _, _, steps = setup
+    batch = make_batch(np.random.default_rng(1))
+    sel = np.asarray(steps.evaluate(steps.params, batch, "soft")["selection"])  # (b, ts+1, tb)
+    assert np.isfinite(sel).all()
+    np.testing.assert_allclose(sel.sum(axis=1), 1.0, atol=1e-6)
+    hidden_base = batch["base_intervention_mask"] == 0
+    np.testing.assert_array_equal(sel[:, -1][hidden_base], 1.0)  # outside the base mask: SELF exactly
+    hidden_src = batch["source_intervention_mask"] == 0
+    assert (sel[:, :-1].transpose(0, 2, 1)[np.broadcast_to(hidden_src[:, None], (4, 16, 14))] == 0).all()
+
+
+def test_left_padded_batch_equals_each_example_alone(setup):
+    _, _, steps = setup
+    lengths = [(4, 3, 2, 2, 5, 2), (10, 6, 3, 1, 7, 4), (6, 4, 1, 3, 3, 1), (8, 5, 2, 2, 4, 3)]
+    batch = make_batch(np.random.default_rng(2), lengths=lengths)
+    together = steps.evaluate(steps.params, batch, "soft")
+    for i in range(4):
+        alone = steps.evaluate(steps.params, {k: v[i:i + 1] for k, v in batch.items()}, "soft")
+        w = min(together["logits"].shape[1], alone["logits"].shape[1])  # both windows end at the last token
+        lab = batch["labels"][i, -w:] != -100
+        np.testing.assert_allclose(np.asarray(together["logits"])[i, -w:][lab], np.asarray(alone["logits"])[0, -w:][lab],
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(together["selection"])[i], np.asarray(alone["selection"])[0],
+                                   atol=1e-6, rtol=0)
+    # The same rows with less left padding (narrower arrays) give the same A on the real positions.
+    narrow = make_batch(np.random.default_rng(2), lengths=lengths, te=10, tb=13, ts=12)
+    np.testing.assert_array_equal(narrow["base_ids"], batch["base_ids"][:, 3:])
+    wide = np.asarray(together["selection"])  # (4, 14+1, 16)
+    small = np.asarray(steps.evaluate(steps.params, narrow, "soft")["selection"])  # (4, 12+1, 13)
+    np.testing.assert_allclose(wide[:, 2:14, 3:], small[:, :12], atol=1e-6, rtol=0)  # source rows
+    np.testing.assert_allclose(wide[:, 14, 3:], small[:, 12], atol=1e-6, rtol=0)  # SELF row
+    np.testing.assert_array_equal(wide[:, 14, :3], 1.0)  # pad columns are never patched
+
+
+def test_groundtruth_full_rank_equals_hand_patch():
+    cfg, target, model = tiny(["intervention.rank=64"])
+    steps = Steps(model, target, cfg)
+    batch = make_batch(np.random.default_rng(3))
+    out = steps.evaluate(steps.params, batch, "groundtruth")
+    L = cfg.intervention.layer
+    hs_b = target.hidden_states(batch["base_ids"], batch["base_mask"])
+    hs_s = target.hidden_states(batch["source_ids"], batch["source_mask"])
+    h = np.array(hs_b[L])
+    rows = np.arange(4)
+    h[rows, batch["base_entity_pos"]] = np.asarray(hs_s[L])[rows, batch["source_entity_pos"]]
+    h = target.run_layers(jnp.asarray(h), target.attn_inputs(batch["base_mask"]), L)
+    w = out["logits"].shape[1]
+    expected = np.asarray(target.unembed(h))[:, -w - 1:-1]
+    np.testing.assert_allclose(np.asarray(out["logits"]), expected, atol=1e-4, rtol=0)
+    sel = np.asarray(out["selection"])
+    assert (sel.sum(axis=(1, 2)) == 16).all() and (sel[:, :-1].sum(axis=(1, 2)) == 1).all()
+
+
+def test_gradients_reach_the_hypernetwork_never_the_target(setup):
+    cfg, target, steps = setup
+    batch = make_batch(np.random.default_rng(4))
+    ctx = StepContext(steps.graphdef, steps.target_graphdef, spec_from_config(cfg, window=label_window(batch["labels"])),
+                      cfg.train)
+    args = (steps.params, steps.target_state, batch, jnp.asarray(0), jax.random.key(0))
+    g_params, g_target = jax.grad(lambda p, t, *a: loss_fn(p, t, *a, ctx)[0], argnums=(0, 1))(*args)
+    norms = {k: float(optax_norm(v)) for k, v in nnx.to_pure_dict(g_params).items()}
+    assert norms["hypernet"] > 0 and norms["head"] > 0 and norms["subspace"] > 0
+    assert float(optax_norm(nnx.to_pure_dict(g_params)["subspace"]["rotate_layer"])) > 0
+    # The clean passes are stop-gradient: the target's blocks below L get exactly zero even when asked for.
+    layers = nnx.to_pure_dict(g_target)["layers"]
+    for i in range(cfg.intervention.layer):
+        assert float(optax_norm(layers[i])) == 0.0, i
+    # The jitted train step updates the HyperDAS state and leaves the target bit for bit.
+    before = jax.tree.map(np.array, steps.target_state)
+    params = jax.tree.map(jnp.copy, steps.params)
+    opt = steps.init_opt_state(params)
+    new, _, metrics = steps.train(params, opt, batch, 0, jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, steps.target_state))
+    changed = jax.tree.map(lambda a, b: bool((np.asarray(a) != np.asarray(b)).any()), new, steps.params)
+    assert all(jax.tree.leaves(changed))
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_original_self_attention_is_bidirectional_without_padding():
+    cfg, target, _ = tiny()
+    rng = np.random.default_rng(5)
+    hs = target.hidden_states(*left_pad([rng.integers(3, 97, 6)] * 2, 6))
+    mem = make_memory(hs, np.ones((2, 6), np.int32), target.config)
+    ids = rng.integers(3, 97, (2, 5)).astype(np.int32)
+    changed = ids.copy()
+    changed[:, -1] = (changed[:, -1] + 1) % 97
+    full = np.ones((2, 5), np.int32)
+    for mode, expect_change in (("causal", False), ("original", True)):
+        hyper = dataclasses.replace(cfg.hypernet, self_attention=mode)
+        net = create_sharded(lambda: HyperNetwork(target.config, hyper, rngs=nnx.Rngs(0)))
+        z1, _ = net(ids, full, mem, mem)
+        z2, _ = net(changed, full, mem, mem)
+        moved = float(jnp.abs(z1[:, 0] - z2[:, 0]).max())
+        assert (moved > 1e-6) == expect_change, (mode, moved)
+        # With a padded row in the batch, the original behaviour falls back to causal.
+        pad = full.copy()
+        pad[1, 0] = 0
+        z1, _ = net(ids, pad, mem, mem)
+        z2, _ = net(changed, pad, mem, mem)
+        assert float(jnp.abs(z1[0, 0] - z2[0, 0]).max()) < 1e-6
+
+
+def test_ablating_cross_attention_streams():
+    cfg, target, model = tiny(["hypernet.source_cross_attention=false", "hypernet.base_cross_attention=false"])
+    assert not hasattr(model.hypernet.layers[0], "source_cross_attn")
+    assert not hasattr(model.hypernet.layers[0], "base_cross_attn")
+    # Initialised from the target: self-attention copied, cross-attention (when present) too.
+    cfg2, target2, model2 = tiny()
+    blk, src = model2.hypernet.layers[1], target2.layers[1]
+    np.testing.assert_array_equal(np.asarray(blk.base_cross_attn.q_proj.kernel[...]),
+                                  np.asarray(src.self_attn.q_proj.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(blk.source_cross_attn_layernorm.weight[...]),
+                                  np.asarray(src.input_layernorm.weight[...]))
+    blk.base_cross_attn.q_proj.kernel[...] += 1.0  # independent copies, not aliases
+    assert not np.array_equal(np.asarray(blk.self_attn.q_proj.kernel[...]),
+                              np.asarray(blk.base_cross_attn.q_proj.kernel[...]))
+
+
+def synthetic_task(target, rng, n):
+    """Rows whose answer is the target's own prediction after the entity is swapped for the source's."""
+    rows = []
+    while len(rows) < n:
+        prefix, e_b, e_s = rng.integers(3, 97, rng.integers(3, 6)), *rng.integers(3, 97, 2)
+        base_prompt = np.concatenate([[1], prefix, [e_b]])
+        cf = np.concatenate([[1], prefix, [e_s]])
+        clean_next = int(np.asarray(target(base_prompt[None]))[0, -1].argmax())
+        answer = int(np.asarray(target(cf[None]))[0, -1].argmax())
+        if answer != clean_next:  # the intervention must change the output
+            rows.append((base_prompt, cf, answer))
+    return rows
+
+
+def synthetic_batch(rows):
+    b = {}
+    b["editor_ids"], b["editor_mask"] = left_pad([np.array([1, r[0][-1], 2, r[1][-1]]) for r in rows], 8)
+    base = [np.concatenate([r[0], [r[2]]]) for r in rows]
+    b["base_ids"], b["base_mask"] = left_pad(base, 10)
+    b["source_ids"], b["source_mask"] = left_pad([r[1] for r in rows], 8)
+    b["base_intervention_mask"] = left_pad([np.r_[np.ones(len(x) - 1), 0] for x in base], 10)[0]
+    b["source_intervention_mask"] = b["source_mask"].copy()
+    b["labels"] = left_pad([np.r_[np.full(len(x) - 1, -100), x[-1]] for x in base], 10, -100)[0]
+    b["base_entity_pos"] = np.full(len(rows), 8, np.int32)
+    b["source_entity_pos"] = np.full(len(rows), 7, np.int32)
+    b["is_causal"], b["valid"] = np.ones(len(rows), bool), np.ones(len(rows), bool)
+    return b
+
+
+@pytest.mark.slow
+def test_loss_halves_on_a_synthetic_interchange_task():
+    cfg, target, model = tiny(["target.random.tie_word_embeddings=true", "intervention.layer=1",
+                               "intervention.rank=64", "train.causal_loss_weight=1.0", "train.lr=1e-3",
+                               "train.sparsity.enabled=false", "train.steps=200"])
+    rows = synthetic_task(target, np.random.default_rng(0), 16)
+    batches = [synthetic_batch(rows[:8]), synthetic_batch(rows[8:])]
+    steps = Steps(model, target, cfg)
+    assert not np.asarray(steps.baseline(batches[0])["correct"]).any()  # doing nothing fails every row
+    assert np.asarray(steps.evaluate(steps.params, batches[0], "groundtruth")["correct"]).all()  # solvable
+    params, opt = steps.params, steps.init_opt_state(steps.params)
+    losses = []
+    for i in range(200):
+        params, opt, m = steps.train(params, opt, batches[i % 2], i, jax.random.key(0))
+        losses.append(float(m["loss"]))
+    assert np.mean(losses[-10:]) <= 0.5 * np.mean(losses[:2]), (losses[:2], losses[-10:])
+    assert np.asarray(steps.evaluate(params, batches[1], "soft")["correct"]).mean() >= 0.75

@@ -213,3 +213,25 @@ class Steps:
     def model(self, params):
         """The HyperDAS module for a parameter state (for analysis outside the steps)."""
         return nnx.merge(self.graphdef, params)
+
+
+class HyperDASMethod:
+    """The evaluator's view of a trained HyperDAS model (the eval-step interface).
+
+    Any method with `name`, `eval_batch(batch, mode)` and `baseline_batch(batch)` can be scored by
+    hyperdas_jax.evaluate, e.g. the MDAS baseline.
+    """
+
+    name = "hyperdas"
+
+    def __init__(self, steps: Steps, params):
+        self.steps, self.params = steps, params
+
+    def eval_batch(self, batch: dict, mode: str) -> dict:
+        """{"correct": (b,) bool, "selection": (b, t_s+1, t_b) float32} as numpy."""
+        out = self.steps.evaluate(self.params, batch, mode)
+        return {"correct": np.asarray(out["correct"]), "selection": np.asarray(out["selection"])}
+
+    def baseline_batch(self, batch: dict) -> dict:
+        """The no-intervention row: the target alone on the base, same labels."""
+        return {"correct": np.asarray(self.steps.baseline(batch)["correct"])}

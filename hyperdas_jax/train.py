@@ -15,6 +15,7 @@ from flax import nnx
 from hyperdas_jax.config import ExperimentConfig, TrainConfig
 from hyperdas_jax.models.hyperdas import ForwardSpec, forward
 from hyperdas_jax.models.selection import sparsity_loss, sparsity_weight
+from hyperdas_jax.sharding import use_mesh
 
 IGNORE = -100
 WINDOWS = (4, 8, 16, 32, 64, 128)  # label-window buckets: a handful of compiled programs
@@ -105,6 +106,7 @@ class StepContext:
     spec: ForwardSpec
     train: TrainConfig
     n_answer_tokens: int | None = 3
+    forward: Any = forward  # (model, target, batch, spec, step, rng) -> Outputs; MDAS brings its own
 
 
 def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int = 8) -> ForwardSpec:
@@ -118,13 +120,15 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
 def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):
     model = nnx.merge(ctx.graphdef, params)
     target = nnx.merge(ctx.target_graphdef, target_state)
-    out = forward(model, target, batch, ctx.spec, step, rng)
+    out = ctx.forward(model, target, batch, ctx.spec, step, rng)
     t = ctx.train
     pred, plain = answer_loss(out.logits, out.labels, batch["is_causal"], batch["valid"],
                               t.causal_loss_weight, t.iso_loss_weight)
-    sparsity = sparsity_loss(out.soft_selection, batch["valid"])
+    sparsity = jnp.float32(0.0)
     weight = 0.0
-    if t.sparsity.enabled:
+    if out.soft_selection is not None:
+        sparsity = sparsity_loss(out.soft_selection, batch["valid"])
+    if t.sparsity.enabled and out.soft_selection is not None:
         s = t.sparsity
         weight = sparsity_weight(step, t.steps, start=s.start, end=s.end, warmup_ratio=s.warmup_ratio,
                                  schedule=s.schedule)
@@ -148,7 +152,7 @@ def eval_step(params, target_state, batch, *, ctx: StepContext):
     """Logits at the answer window, the selection A used, and per-example exact match."""
     model = nnx.merge(ctx.graphdef, params)
     target = nnx.merge(ctx.target_graphdef, target_state)
-    out = forward(model, target, batch, ctx.spec, ctx.spec.total_steps)
+    out = ctx.forward(model, target, batch, ctx.spec, ctx.spec.total_steps)
     nll, tok = token_nll(out.logits, out.labels)
     return {"logits": out.logits, "labels": out.labels, "selection": out.selection,
             "correct": exact_match(out.logits, out.labels, ctx.n_answer_tokens),
@@ -164,32 +168,59 @@ def baseline_step(target_state, batch, *, target_graphdef, window: int, n_answer
     return {"logits": logits, "labels": labels, "correct": exact_match(logits, labels, n_answer_tokens)}
 
 
-class Steps:
-    """Jitted steps, compiled once per (mode, label window): state is donated in training, never the target."""
+def opt_state_shardings(tx: optax.GradientTransformation, params):
+    """Shardings of `tx.init(params)`: each Adam moment like its parameter, everything else replicated.
 
-    def __init__(self, model, target, cfg: ExperimentConfig):
+    Left to propagation, `zeros_like` moments come out replicated (nothing ties them to the
+    parameter), which for an 8B-scale hypernetwork would be the largest buffers in the program.
+    A moment is matched to its parameter by key-path suffix and shape.
+    """
+    by_path = {tuple(p): (x.shape, x.sharding) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    mesh = next(iter(by_path.values()))[1].mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pick(path, leaf):
+        for i in range(len(path)):
+            shape, sharding = by_path.get(tuple(path[i:]), (None, None))
+            if shape == leaf.shape:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+
+
+class Steps:
+    """Jitted steps, compiled once per (mode, label window): state is donated in training, never the target.
+
+    Parameter and optimizer-state shardings are pinned as the train step's outputs, so the state
+    layout cannot drift between steps; steps are traced under the parameters' mesh so the
+    activation constraints apply.
+    """
+
+    def __init__(self, model, target, cfg: ExperimentConfig, forward_fn=forward):
         self.cfg = cfg
+        self.forward_fn = forward_fn
         self.graphdef, self.params = nnx.split(model, nnx.Param)
         self.target_graphdef, self.target_state = nnx.split(target)
         self.tx = make_optimizer(cfg.train)
         self.n_answer_tokens = cfg.eval.n_answer_tokens
+        self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
+        self.mesh = jax.tree.leaves(self.param_shardings)[0].mesh
+        self.opt_shardings = opt_state_shardings(self.tx, self.params)
 
     def init_opt_state(self, params):
-        """Optimizer state placed on the parameters' mesh (scalars replicated), so step 2 reuses step 1's program."""
-        mesh = jax.tree.leaves(params)[0].sharding.mesh
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        state = jax.jit(self.tx.init)(params)
-        return jax.tree.map(
-            lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated), state)
+        """Optimizer state laid out as `opt_shardings` (moments like their parameters, scalars replicated)."""
+        return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
 
     def context(self, mode: str, window: int) -> StepContext:
         spec = spec_from_config(self.cfg, mode=mode, window=window)
-        return StepContext(self.graphdef, self.target_graphdef, spec, self.cfg.train, self.n_answer_tokens)
+        return StepContext(self.graphdef, self.target_graphdef, spec, self.cfg.train, self.n_answer_tokens,
+                           self.forward_fn)
 
     @functools.cache
     def train_fn(self, window: int):
         fn = functools.partial(train_step, ctx=self.context("soft", window), tx=self.tx)
-        return jax.jit(fn, donate_argnums=(0, 1))
+        return jax.jit(fn, donate_argnums=(0, 1), out_shardings=(self.param_shardings, self.opt_shardings, None))
 
     @functools.cache
     def eval_fn(self, mode: str, window: int):
@@ -200,15 +231,21 @@ class Steps:
         return jax.jit(functools.partial(baseline_step, target_graphdef=self.target_graphdef, window=window,
                                          n_answer_tokens=self.n_answer_tokens))
 
-    def train(self, params, opt_state, batch, step, rng):
-        return self.train_fn(label_window(batch["labels"]))(params, opt_state, self.target_state, batch,
-                                                             jnp.asarray(step, jnp.int32), rng)
+    # `window` defaults to label_window(labels); pass it when the batch is already on the devices.
+    def train(self, params, opt_state, batch, step, rng, *, window: int | None = None):
+        window = label_window(batch["labels"]) if window is None else window
+        with use_mesh(self.mesh):
+            return self.train_fn(window)(params, opt_state, self.target_state, batch, np.int32(step), rng)
 
-    def evaluate(self, params, batch, mode: str = "soft"):
-        return self.eval_fn(mode, label_window(batch["labels"]))(params, self.target_state, batch)
+    def evaluate(self, params, batch, mode: str = "soft", *, window: int | None = None):
+        window = label_window(batch["labels"]) if window is None else window
+        with use_mesh(self.mesh):
+            return self.eval_fn(mode, window)(params, self.target_state, batch)
 
-    def baseline(self, batch):
-        return self.baseline_fn(label_window(batch["labels"]))(self.target_state, batch)
+    def baseline(self, batch, *, window: int | None = None):
+        window = label_window(batch["labels"]) if window is None else window
+        with use_mesh(self.mesh):
+            return self.baseline_fn(window)(self.target_state, batch)
 
     def model(self, params):
         """The HyperDAS module for a parameter state (for analysis outside the steps)."""

@@ -1,0 +1,95 @@
+"""MDAS baseline (§10): one static rank-k DAS rotation per attribute at a fixed position, in the HyperDAS engine.
+
+For a row whose instruction names attribute A, the base residual at its last entity token is
+patched with b' = b + R_A R_Aᵀ (s − b), s the source residual at the source's last entity token.
+The site is the residual stream hs[L] entering block L, the same one HyperDAS patches for the same
+`intervention.layer`. (The original MDAS used pyvene's `block_output` of layer L, i.e. hs[L+1]: to
+reproduce that site, set `intervention.layer` one higher.) Training uses the same loss, optimizer
+code (all parameters sit under `rotate_layer`, so `train.rotate_lr` is MDAS's learning rate) and
+jitted steps; the evaluator scores it through the same eval-step interface.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hyperdas_jax.config import ExperimentConfig
+from hyperdas_jax.models.hyperdas import ForwardSpec, Outputs, clean_hidden_states
+from hyperdas_jax.models.intervention import Orthonormal
+from hyperdas_jax.models.llama import Llama
+from hyperdas_jax.train import Steps
+
+
+class MDAS(nnx.Module):
+    """Per-attribute orthonormal R_a (d, k), stacked: `rotate_layer[a]`."""
+
+    def __init__(self, dim: int, rank: int, n_tasks: int, *, rngs: nnx.Rngs):
+        self.rotate_layer = nnx.List([Orthonormal(dim, rank, rngs=rngs) for _ in range(n_tasks)])
+
+    def bases(self) -> jax.Array:
+        """(a, d, k) float32."""
+        return jnp.stack([r() for r in self.rotate_layer])
+
+
+def mdas_forward(model: MDAS, target: Llama, batch: dict, spec: ForwardSpec, step=0, rng=None) -> Outputs:
+    """Fixed-position DAS: patch hs[L] at base_entity_pos with the source at source_entity_pos."""
+    del step, rng
+    L = spec.layer
+    b_attn = target.attn_inputs(batch["base_mask"])
+    s_attn = target.attn_inputs(batch["source_mask"])
+    base = jax.lax.stop_gradient(target.run_layers(target.embed(batch["base_ids"]), b_attn, 0, L))  # (b, tb, d)
+    src = jax.lax.stop_gradient(target.run_layers(target.embed(batch["source_ids"]), s_attn, 0, L))  # (b, ts, d)
+    rows = jnp.arange(base.shape[0])
+    b_vec = base[rows, batch["base_entity_pos"]].astype(jnp.float32)  # (b, d)
+    s_vec = src[rows, batch["source_entity_pos"]].astype(jnp.float32)  # (b, d)
+    r = model.bases()[batch["task_id"]]  # (b, d, k)
+    coords = jnp.einsum("bd,bdk->bk", s_vec - b_vec, r)
+    patched_vec = b_vec + jnp.einsum("bk,bdk->bd", coords, r)
+    h = base.at[rows, batch["base_entity_pos"]].set(patched_vec.astype(base.dtype))
+    h = target.run_layers(h, b_attn, L)
+    w = spec.window
+    return Outputs(target.unembed(h[:, -w - 1:-1]), batch["labels"][:, -w:], None, None)
+
+
+def build_mdas(target: Llama, cfg: ExperimentConfig, n_tasks: int, *, seed: int = 0, mesh=None) -> MDAS:
+    from hyperdas_jax.sharding import create_sharded
+
+    rank = min(cfg.intervention.rank, target.config.hidden_size)
+    return create_sharded(lambda: MDAS(target.config.hidden_size, rank, n_tasks, rngs=nnx.Rngs(seed)), mesh)
+
+
+def mdas_steps(model: MDAS, target: Llama, cfg: ExperimentConfig) -> Steps:
+    """Jitted MDAS train/eval/baseline steps (sparsity and inference modes do not apply)."""
+    return Steps(model, target, cfg, forward_fn=mdas_forward)
+
+
+class MDASMethod:
+    """The evaluator's view of MDAS: every inference mode is the same fixed-position patch."""
+
+    name = "mdas"
+
+    def __init__(self, steps: Steps, params, tasks: dict[str, int], row_tasks: np.ndarray | None = None):
+        self.steps, self.params, self.tasks = steps, params, tasks
+        self.row_tasks = row_tasks
+
+    def with_rows(self, row_tasks: np.ndarray) -> "MDASMethod":
+        """The same method for a dataset whose row i has attribute id row_tasks[i]."""
+        return MDASMethod(self.steps, self.params, self.tasks, row_tasks)
+
+    def add_tasks(self, batch: dict) -> dict:
+        if "task_id" in batch:
+            return batch
+        if self.row_tasks is None:
+            raise ValueError("MDASMethod needs row attribute ids: call with_rows(...) or give batch['task_id']")
+        return {**batch, "task_id": self.row_tasks[np.maximum(batch["row_index"], 0)].astype(np.int32)}
+
+    def eval_batch(self, batch: dict, mode: str) -> dict:
+        del mode
+        out = self.steps.evaluate(self.params, self.add_tasks(batch), "soft")
+        return {"correct": np.asarray(out["correct"]), "selection": None}
+
+    def baseline_batch(self, batch: dict) -> dict:
+        return {"correct": np.asarray(self.steps.baseline(batch)["correct"])}

@@ -93,3 +93,64 @@ class MDASMethod:
 
     def baseline_batch(self, batch: dict) -> dict:
         return {"correct": np.asarray(self.steps.baseline(batch)["correct"])}
+
+
+def row_task_ids(rows, tasks: dict[str, int] | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """Attribute id per row (the attribute its instruction names), and the attribute -> id map."""
+    from hyperdas_jax.data.ravel_schema import instruction_attribute
+
+    names = [instruction_attribute(r) for r in rows]
+    tasks = dict(tasks) if tasks is not None else {a: i for i, a in enumerate(sorted(set(names)))}
+    unknown = sorted(set(names) - set(tasks))
+    if unknown:
+        raise ValueError(f"MDAS was not trained for attributes {unknown}")
+    return np.asarray([tasks[a] for a in names], np.int32), tasks
+
+
+def train_mdas(target: Llama, cfg: ExperimentConfig, rows, tokenizer, *, metrics_path=None, progress=True,
+               mesh=None) -> MDASMethod:
+    """Trains one rotation per attribute on `rows` for cfg.train.steps steps (shuffled epochs).
+
+    The same jitted train step, loss (causal/isolate weights) and optimizer code as HyperDAS;
+    `train.rotate_lr` is the rotations' learning rate. Metrics go to `metrics_path` as JSONL.
+    """
+    import json
+
+    import tqdm
+
+    from hyperdas_jax.data.collate import CollateOptions, encode_rows, iterate_batches
+
+    rows = list(rows)
+    row_tasks, tasks = row_task_ids(rows)
+    options = CollateOptions(batch_size=cfg.train.batch_size, base_suffix_visible=cfg.data.base_suffix_visible,
+                             source_suffix_visible=cfg.data.source_suffix_visible)
+    encoded = encode_rows(rows, tokenizer, options)
+    model = build_mdas(target, cfg, len(tasks), seed=cfg.train.seed, mesh=mesh)
+    steps = mdas_steps(model, target, cfg)
+    method = MDASMethod(steps, steps.params, tasks, row_tasks)
+    params, opt = steps.params, steps.init_opt_state(steps.params)
+    key = jax.random.key(cfg.train.seed)
+    out = open(metrics_path, "w") if metrics_path else None
+    bar = tqdm.tqdm(total=cfg.train.steps, desc="MDAS", disable=not progress, dynamic_ncols=True)
+    step, epoch = 0, 0
+    try:
+        while step < cfg.train.steps:
+            for batch in iterate_batches(encoded, options, shuffle=True, seed=cfg.train.seed + epoch,
+                                         drop_remainder=True):
+                if step >= cfg.train.steps:
+                    break
+                params, opt, metrics = steps.train(params, opt, method.add_tasks(batch), step, key)
+                step += 1
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    if out:
+                        out.write(json.dumps(record) + "\n")
+                        out.flush()
+                bar.update(1)
+            epoch += 1
+    finally:
+        bar.close()
+        if out:
+            out.close()
+    return MDASMethod(steps, params, tasks)

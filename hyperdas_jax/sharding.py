@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import jax
+import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -87,3 +89,92 @@ def abstract_module(init_fn, mesh: jax.sharding.Mesh | None = None):
     mesh = current_or_default_mesh(mesh)
     with use_mesh(mesh):
         return nnx.get_abstract_model(init_fn, mesh)
+
+
+# --------------------------------------------------------------------------------------------
+# Config-driven mesh, multi-host start-up, batches, and a readable parameter table
+
+
+def mesh_from_config(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """The mesh a `MeshConfig` asks for (one axis may be -1: all remaining devices)."""
+    return make_mesh(tuple(mesh_cfg.shape), devices)
+
+
+def maybe_initialize_distributed(mesh_cfg=None) -> bool:
+    """Calls `jax.distributed.initialize()` when `mesh.distributed` or `HYPERDAS_DISTRIBUTED=1` asks.
+
+    Must run before anything touches a device. With no arguments JAX finds the coordinator
+    itself on TPU pods, under SLURM and on GKE; elsewhere set JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID. Returns whether the process is part of a
+    multi-process run.
+    """
+    wanted = bool(getattr(mesh_cfg, "distributed", False))
+    wanted |= os.environ.get("HYPERDAS_DISTRIBUTED", "").lower() in ("1", "true", "yes")
+    if not wanted:
+        return False
+    if not jax.distributed.is_initialized():
+        env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                   ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+        jax.distributed.initialize(**env)  # the coordinator comes from JAX_COORDINATOR_ADDRESS or the cluster
+    return True
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """The leading (batch) axis over ("data", "fsdp"); replicated over "tensor"."""
+    return NamedSharding(mesh, logical_to_spec(("batch",)))
+
+
+def process_rows(global_size: int, mesh: jax.sharding.Mesh) -> slice:
+    """The rows of a global batch that this process's devices hold under `batch_sharding`."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_size % shards:
+        raise ValueError(f"batch size {global_size} is not divisible by data*fsdp = {shards} "
+                         f"(mesh {dict(mesh.shape)})")
+    index = batch_sharding(mesh).addressable_devices_indices_map((global_size,))
+    starts = sorted({i[0].start or 0 for i in index.values()})
+    stops = sorted({global_size if i[0].stop is None else i[0].stop for i in index.values()})
+    rows = slice(starts[0], stops[-1])
+    if (rows.stop - rows.start) != len(starts) * (global_size // shards):
+        raise ValueError("this process's batch rows are not contiguous; order the mesh devices by process")
+    return rows
+
+
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """Puts a global numpy batch on the mesh, leading axis over ("data", "fsdp").
+
+    Every process passes the same global batch (collating B rows is cheap); each hands only the
+    rows its own devices hold to `jax.make_array_from_process_local_data`, so nothing is copied
+    to another host's devices.
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        rows = process_rows(value.shape[0], mesh)
+        out[key] = jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+    return out
+
+
+def param_specs(tree) -> dict[str, tuple[tuple[int, ...], PartitionSpec, PartitionSpec]]:
+    """path -> (shape, actual spec, spec implied by the Param's logical names) for every parameter.
+
+    `tree` is an NNX module or a state of Params (e.g. `Steps.params`). Paths are "/"-joined.
+    """
+    state = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value() if hasattr(var, "get_value") else var
+        names = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
+        sharding = getattr(value, "sharding", None)
+        spec = sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+        want = logical_to_spec(tuple(names)) if names else PartitionSpec()
+        out["/".join(str(p) for p in path)] = (tuple(value.shape), _trim(spec), _trim(want))
+    return out
+
+
+def _trim(spec: PartitionSpec) -> PartitionSpec:
+    """P('fsdp', None) and P('fsdp') mean the same; drop trailing Nones so they compare equal."""
+    parts = list(spec)
+    while parts and parts[-1] is None:
+        parts.pop()
+    return PartitionSpec(*parts)

@@ -4,9 +4,6 @@ import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA's CPU backend spends most of a tiny model's test time in LLVM optimisation; level 0 halves
-# compile time and leaves the maths (the same HLO, the same library matmuls) unchanged.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402

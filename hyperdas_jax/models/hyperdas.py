@@ -18,6 +18,7 @@ from flax import nnx
 from hyperdas_jax.config import ExperimentConfig, ModelConfig
 from hyperdas_jax.models.hypernet import HyperNetwork, copy_from_target, editor_config, make_memory, unit_normalise
 from hyperdas_jax.models.intervention import make_subspace, mix_sources, temperature
+from hyperdas_jax.models.layers import remat_module
 from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.models.selection import select
 
@@ -82,16 +83,34 @@ def clean_hidden_states(target: Llama, ids: jax.Array, mask: jax.Array) -> jax.A
     return jax.lax.stop_gradient(target.hidden_states(ids, mask))
 
 
+def clean_pair(target: Llama, base_ids, base_mask, source_ids, source_mask) -> tuple[jax.Array, jax.Array]:
+    """Clean states of base and source from ONE pass over both (left-padded to a common length).
+
+    Equal to two separate passes (positions come from the masks, extra left pads are masked
+    keys), but every target weight is used once per step here: with two passes an FSDP-sharded
+    target's gathered weights stay alive from the first pass to the second, i.e. all of them at
+    once. Returns (n+1, b, t_b, d) and (n+1, b, t_s, d).
+    """
+    b, tb = base_ids.shape
+    ts = source_ids.shape[1]
+    t = max(tb, ts)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (t - n, 0)))  # noqa: E731 - left padding, mask 0
+    ids = jnp.concatenate([pad(base_ids, tb), pad(source_ids, ts)])  # (2b, t)
+    mask = jnp.concatenate([pad(base_mask, tb), pad(source_mask, ts)])
+    hs = clean_hidden_states(target, ids, mask)  # (n+1, 2b, t, d)
+    return hs[:, :b, t - tb:], hs[:, b:, t - ts:]
+
+
 def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step=0, rng=None) -> Outputs:
     """HyperDAS forward on a collated batch (see hyperdas_jax/data/collate.py for the keys and shapes)."""
     L = spec.layer
     ecfg = model.hypernet.config
-    hs_base = clean_hidden_states(target, batch["base_ids"], batch["base_mask"])  # (n+1, b, tb, d)
-    hs_src = clean_hidden_states(target, batch["source_ids"], batch["source_mask"])  # (n+1, b, ts, d)
+    hs_base, hs_src = clean_pair(target, batch["base_ids"], batch["base_mask"], batch["source_ids"],
+                                 batch["source_mask"])  # (n+1, b, tb, d), (n+1, b, ts, d)
     base_iv, src_iv = batch["base_intervention_mask"], batch["source_intervention_mask"]
 
     z, pos = model.hypernet(batch["editor_ids"], batch["editor_mask"],
-                            make_memory(hs_src, src_iv, ecfg), make_memory(hs_base, base_iv, ecfg))
+                            make_memory(hs_src, src_iv, ecfg), make_memory(hs_base, base_iv, ecfg), remat=spec.remat)
     z_last, pos_last = z[:, -1], pos[:, -1]  # left padding: the last token is real
 
     swap = False
@@ -120,5 +139,5 @@ def run_upper_blocks(target: Llama, h: jax.Array, attn, start: int, remat: bool)
     if not remat:
         return target.run_layers(h, attn, start)
     for layer in target.layers[start:]:
-        h = nnx.remat(lambda layer, h, attn: layer(h, attn))(layer, h, attn)
+        h = remat_module(layer)(h, attn)  # also keeps the clean pass's gathered weights from being reused here
     return h

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hyperdas_jax.config import HypernetConfig, ModelConfig
-from hyperdas_jax.models.layers import MLP, Attention, AttnInputs, Embed, RMSNorm, rope_inv_freq, rope_tables
+from hyperdas_jax.models.layers import (MLP, Attention, AttnInputs, Embed, RMSNorm, remat_module, rope_inv_freq,
+                                       rope_tables)
 from hyperdas_jax.sharding import constrain
 
 
@@ -128,13 +129,18 @@ class HyperNetwork(nnx.Module):
         cos, sin = rope_tables(pos, rope_inv_freq(self.config))
         return AttnInputs(allowed, cos, sin), pos
 
-    def __call__(self, editor_ids: jax.Array, editor_mask: jax.Array, source: Memory, base: Memory):
-        """Returns final-normed editor states Z (b, t_e, d) and the editor positions (b, t_e)."""
+    def __call__(self, editor_ids: jax.Array, editor_mask: jax.Array, source: Memory, base: Memory, *,
+                 remat: bool = False):
+        """Returns final-normed editor states Z (b, t_e, d) and the editor positions (b, t_e).
+
+        With `remat` each block is recomputed in the backward pass instead of keeping its
+        activations, and (under FSDP) its gathered weights, from the forward pass.
+        """
         attn, pos = self.self_attention_inputs(editor_mask)
         x = self.embed_tokens(editor_ids)
         valid = editor_mask > 0
         for block in self.layers:
-            x = block(x, attn, valid, source, base)
+            x = (remat_module(block) if remat else block)(x, attn, valid, source, base)
         return self.norm(x), pos
 
 

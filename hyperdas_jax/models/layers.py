@@ -222,3 +222,42 @@ class DecoderLayer(nnx.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         # Activations keep the model axis whole: "embed" names the fsdp-sharded axis of *parameters*.
         return constrain(x, ("batch", "seq", None))
+
+
+# --------------------------------------------------------------------------------------------
+# Rematerialisation
+
+
+def remat_module(module: nnx.Module):
+    """`module(*args)` recomputed in the backward pass, its weights used just in time.
+
+    Like `jax.checkpoint`, only the inputs are kept for the backward pass. In addition an
+    optimization barrier ties the module's weights to its inputs in the forward pass and to the
+    incoming cotangent in the backward pass: under FSDP the weights' all-gather then happens when
+    the block runs, instead of being hoisted, with every other block's, to the start of a pass
+    (or shared between passes), which would keep every gathered block alive at once. A plain
+    function of (graphdef, state), so it works on modules merged in an outer trace.
+    """
+    graphdef, state = nnx.split(module)
+    specs = nnx.get_partition_spec(state)
+
+    def call(state, *args):
+        # Pin the weights to their parameter layout after the barrier; otherwise sharding
+        # propagation passes through the barrier and puts the all-gather in front of it.
+        state = jax.tree.map(lambda x, spec: constrain(x, tuple(spec)), state, specs)
+        return nnx.merge(graphdef, state)(*args)
+
+    @jax.custom_vjp
+    def run(state, *args):
+        return call(*jax.lax.optimization_barrier((state, *args)))
+
+    def fwd(state, *args):
+        return run(state, *args), (state, args)
+
+    def bwd(residuals, ct):
+        state, args = residuals
+        state, args, ct = jax.lax.optimization_barrier((state, args, ct))
+        return jax.vjp(call, state, *args)[1](ct)  # unused cotangents (frozen weights, masks) are dead code
+
+    run.defvjp(fwd, bwd)
+    return lambda *args: run(state, *args)

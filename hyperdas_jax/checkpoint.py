@@ -1,0 +1,295 @@
+"""Orbax checkpoints of a HyperDAS run: trainable params, optimizer state, step, data position, RNG, config.
+
+Layout of `<run>/checkpoints/<step>/`: `params/` and `opt_state/` (Orbax PyTree items, stored as
+nested dicts keyed by the tree paths, so the on-disk names read like the model), `meta/` (JSON:
+step, data position, RNG key data, resolved config) and Orbax's own metadata. Orbax writes each
+step under a temporary name and renames it when complete, so a half-written step is never listed.
+Restoring takes abstract targets carrying shardings, so a checkpoint loads onto any mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+FORMAT = 1
+ITEMS = ("params", "opt_state", "meta")
+
+
+class _QuietMissingMetrics(logging.Filter):
+    """Steps saved between evaluations have no metrics by design; Orbax warns about each one."""
+
+    def filter(self, record):
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetrics())
+
+
+class CheckpointError(RuntimeError):
+    """A missing, corrupt or mismatched checkpoint; the message names the directory and the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Trees <-> nested dicts (the on-disk form)
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _path(path) -> tuple[str, ...]:
+    return tuple(_key_name(k) for k in path)
+
+
+def to_nested(tree) -> dict:
+    """{"a": {"b": leaf}} keyed by the names along each leaf's tree path (Variables' `value` included)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        node = out
+        *head, last = _path(path) or ("_",)
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = leaf
+    return out
+
+
+def from_nested(like, nested: dict):
+    """The inverse of `to_nested`: a tree shaped like `like` with leaves taken from `nested`."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, _ in paths:
+        node = nested
+        for k in _path(path) or ("_",):
+            node = node[k]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) for the leaves of `tree`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _flat_meta(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        out["/".join(_path(path))] = (tuple(shape) if shape is not None else None, str(np.dtype(dtype)) if dtype else None)
+    return out
+
+
+def _compare(stored: dict, wanted: dict, what: str, where: str) -> None:
+    missing = sorted(set(wanted) - set(stored))
+    extra = sorted(set(stored) - set(wanted))
+    changed = [f"{k}: stored {stored[k][0]} {stored[k][1]}, expected {wanted[k][0]} {wanted[k][1]}"
+               for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
+    if missing or extra or changed:
+        lines = ([f"missing {k}" for k in missing[:5]] + [f"unexpected {k}" for k in extra[:5]] + changed[:5])
+        raise CheckpointError(
+            f"{where}: {what} do not match this model ({len(missing)} missing, {len(extra)} unexpected, "
+            f"{len(changed)} with another shape/dtype), e.g.\n  " + "\n  ".join(lines)
+            + "\nwas the checkpoint written with a different config?")
+
+
+# --------------------------------------------------------------------------------------------
+# The manager
+
+
+class RunCheckpoints:
+    """Orbax CheckpointManager for one run: async saves, keep the last `keep` plus the best by `metric`."""
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, metric: str = "accuracy",
+                 async_save: bool = True, read_only: bool = False):
+        self.directory = pathlib.Path(directory).absolute()
+        self.metric = metric
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory at {self.directory}")
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(n=max(keep, 1)),
+            # Steps saved without an evaluation carry no metrics and are not "best" candidates.
+            policies.BestN(get_metric_fn=lambda m: float(m[metric]), n=1, keep_checkpoints_without_metrics=False),
+        ])
+        # best_fn only makes Orbax write the metrics next to a step; retention is the policy's.
+        options = ocp.CheckpointManagerOptions(
+            best_fn=lambda m: float(m[metric]), best_mode="max",
+            preservation_policy=None if read_only else policy, enable_async_checkpointing=async_save,
+            create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the highest `metric`; None if no checkpoint was saved with an evaluation."""
+        scored = [(m[self.metric], s) for s in self.all_steps()
+                  if (m := self.manager.metrics(s)) is not None and self.metric in m]
+        return max(scored)[1] if scored else None
+
+    def resolve(self, step: str | int) -> int:
+        """"latest", "best" or a step number -> an existing step; a clear error otherwise."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if step == "latest":
+            return steps[-1]
+        if step == "best":
+            best = self.best_step()
+            if best is None:
+                raise CheckpointError(f"{self.directory}: no checkpoint carries an evaluation "
+                                      f"'{self.metric}', so there is no best one (steps: {steps})")
+            return best
+        try:
+            step = int(step)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"checkpoint step must be 'latest', 'best' or an integer, got {step!r}") from None
+        if step not in steps:
+            raise CheckpointError(f"{self.directory}: no checkpoint at step {step} (available: {steps})")
+        return step
+
+    # -- save / restore ------------------------------------------------------------------------
+
+    def save(self, step: int, params, opt_state, meta: dict[str, Any], metrics: dict | None = None) -> None:
+        """Starts an (asynchronous) save; the device->host copy is done before this returns, so the
+        caller may donate `params`/`opt_state` to the next step straight away."""
+        meta = {"format": FORMAT, "step": int(step), **meta}
+        args = ocp.args.Composite(params=ocp.args.StandardSave(to_nested(params)),
+                                  opt_state=ocp.args.StandardSave(to_nested(opt_state)),
+                                  meta=ocp.args.JsonSave(meta))
+        if step in self.manager.all_steps():
+            return
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def read_meta(self, step: int) -> dict:
+        where = self.directory / str(step)
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many types; the message is what matters
+            raise CheckpointError(f"{where}: cannot read the checkpoint's meta item "
+                                  f"({type(e).__name__}: {str(e)[:300]}); it is corrupt or not a HyperDAS checkpoint") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(f"{where}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        return meta
+
+    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[Any, Any, dict]:
+        """(params, opt_state or None, meta) at `step`, placed as the abstract trees' shardings say.
+
+        Raises:
+          CheckpointError: the step is missing, its files are corrupt, or its trees do not match
+            the abstract ones (names, shapes, dtypes).
+        """
+        where = self.directory / str(step)
+        if step not in self.all_steps():
+            raise CheckpointError(f"{self.directory}: no checkpoint at step {step} (available: {self.all_steps()})")
+        meta = self.read_meta(step)
+        try:
+            stored = self.manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{where}: cannot read the checkpoint metadata ({type(e).__name__}: {str(e)[:300]})") from None
+        items = {"params": abstract_params}
+        if abstract_opt_state is not None:
+            items["opt_state"] = abstract_opt_state
+        for name, like in items.items():
+            tree = stored.get(name) if hasattr(stored, "get") else getattr(stored, name, None)
+            if tree is None:
+                raise CheckpointError(f"{where}: item '{name}' is missing")
+            _compare(_flat_meta(tree), _flat_meta(to_nested(like)), name, str(where))
+        args = {name: ocp.args.StandardRestore(to_nested(like)) for name, like in items.items()}
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{where}: cannot restore the arrays ({type(e).__name__}: {str(e)[:300]}); "
+                                  "the checkpoint is corrupt or incomplete") from None
+        params = from_nested(abstract_params, restored["params"])
+        opt_state = from_nested(abstract_opt_state, restored["opt_state"]) if abstract_opt_state is not None else None
+        return params, opt_state, meta
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Trained models for evaluation
+
+
+def read_run_config(run_dir: str | pathlib.Path):
+    """The resolved ExperimentConfig stored in `<run>/config.json`."""
+    from hyperdas_jax.config import ConfigError, ExperimentConfig, from_dict
+
+    file = pathlib.Path(run_dir) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{run_dir} is not a training run: config.json missing")
+    try:
+        return from_dict(ExperimentConfig, json.loads(file.read_text()))
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def target_tokenizer(cfg):
+    """The HF tokenizer saved with a converted target (None for a random target or none saved)."""
+    path = cfg.target.path
+    if path is None:
+        return None
+    path = pathlib.Path(path)
+    if not ((path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_trained_method(run_dir: str | pathlib.Path, *, mesh=None, step: str | int = "best"):
+    """A trained HyperDAS model ready for the evaluator.
+
+    Args:
+      run_dir: a run written by `hyperdas_jax.loop.train` (config.json + checkpoints/).
+      mesh: where to place the target and the parameters (default: one device).
+      step: "best" (highest eval accuracy), "latest", or a step number.
+    Returns:
+      A `TrainedMethod` (a `HyperDASMethod` with `.config`, `.step` and `.tokenizer`, the target's
+      tokenizer or None for a random target).
+    """
+    from flax import nnx
+
+    from hyperdas_jax.loop import build_target
+    from hyperdas_jax.models.hyperdas import HyperDAS
+    from hyperdas_jax.sharding import abstract_module, current_or_default_mesh
+    from hyperdas_jax.train import HyperDASMethod, Steps
+
+    class TrainedMethod(HyperDASMethod):
+        def __init__(self, steps, params, *, config, step, tokenizer):
+            super().__init__(steps, params)
+            self.config, self.step, self.tokenizer = config, step, tokenizer
+
+    cfg = read_run_config(run_dir)
+    mesh = current_or_default_mesh(mesh)
+    checkpoints = RunCheckpoints(pathlib.Path(run_dir) / "checkpoints", read_only=True)
+    resolved = checkpoints.resolve(step)
+    target = build_target(cfg, mesh)
+    graphdef, abstract = abstract_module(lambda: HyperDAS(target.config, cfg, rngs=nnx.Rngs(0)), mesh)
+    params, _, _ = checkpoints.restore(resolved, abstract)
+    checkpoints.close()
+    steps = Steps(nnx.merge(graphdef, params), target, cfg)
+    return TrainedMethod(steps, steps.params, config=cfg, step=resolved, tokenizer=target_tokenizer(cfg))

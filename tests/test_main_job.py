@@ -1,0 +1,38 @@
+"""The quick main job end to end on the real SmolLM2: its report's numbers are the evaluator's."""
+
+import json
+import re
+
+import pytest
+
+from tools import main_job
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_main_job_report_matches_the_evaluator(tmp_path, smollm2_target_dir):
+    args = ["--quick", "--target", str(smollm2_target_dir), "--reports", str(tmp_path / "reports"),
+            "--data", str(tmp_path / "data")]
+    assert main_job.main(args) == 0
+    run = tmp_path / "reports" / "quick"
+    report = (run / "report.md").read_text()
+    hyper = json.loads((run / "hyperdas" / "eval" / "results.json").read_text())
+    mdas = json.loads((run / "mdas" / "eval" / "results.json").read_text())
+    table = {}
+    for line in report.splitlines():
+        m = re.fullmatch(r"\| (.+?) \| ([0-9.-]+) \| ([0-9.-]+) \| ([0-9.-]+) \|", line)
+        if m:
+            table[m.group(1)] = [None if x == "-" else float(x) for x in m.groups()[1:]]
+    expected = main_job.report_rows(hyper, mdas)
+    assert [label for label, _ in expected] == list(table)
+    for label, overall in expected:
+        want = [None if overall[k] is None else round(100 * overall[k], 2) for k in ("cause", "isolate", "disentangle")]
+        assert table[label] == want, label
+    assert (run / "loss_curves.png").stat().st_size > 0
+    assert list((run / "hyperdas" / "eval" / "heatmaps").glob("*.png"))
+    # Under the default (strict) filter doing nothing never causes and always isolates.
+    none = hyper["modes"]["no intervention"]["overall"]
+    assert none["cause"] in (0.0, None) and none["isolate"] in (1.0, None)
+    # Rerunning skips every finished stage and rewrites the same report.
+    assert main_job.main(args) == 0
+    assert (run / "report.md").read_text().split("## Wall time")[0] == report.split("## Wall time")[0]

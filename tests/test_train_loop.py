@@ -1,0 +1,201 @@
+"""The training loop: deterministic data order, injected batches, and exact resume after kill -9 / SIGTERM."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hyperdas_fixtures import make_batch
+from hyperdas_jax.checkpoint import RunCheckpoints
+from hyperdas_jax.config import load_config
+from hyperdas_jax.data.collate import CollateOptions, EncodedExample, EncodedRows
+from hyperdas_jax.loop import ShuffledRows, SyntheticBatches, as_source, train
+from hyperdas_jax.sharding import make_mesh
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+SMALL = ["target.random.num_hidden_layers=2", "intervention.layer=1", "hypernet.num_layers=1"]
+RUN = SMALL + ["train.steps=12", "train.checkpoint_every=3", "train.log_every=1", "eval.modes=[soft]",
+               "train.keep_checkpoints=2"]
+
+
+# --------------------------------------------------------------------------------------------
+# Data order
+
+
+def encoded_rows(n):
+    ex = [EncodedExample(editor_ids=(1, 5 + i % 7), base_ids=(1, 4, 5, 9 + i % 5), base_prompt_len=3, base_n_suffix=1,
+                         base_entity=1, source_ids=(1, 6 + i % 3, 7), source_n_suffix=1, source_entity=1,
+                         is_causal=bool(i % 2), row_index=i) for i in range(n)]
+    return EncodedRows(tuple(ex), {}, n, 0)
+
+
+def test_data_order_is_a_pure_function_of_seed_and_position():
+    options = CollateOptions(batch_size=4, length_buckets=(8,), editor_buckets=(4,))
+    a, b = ShuffledRows(encoded_rows(10), options, seed=3), ShuffledRows(encoded_rows(10), options, seed=3)
+    rows = lambda src, p: tuple(src.batch(p)["row_index"])  # noqa: E731
+    first_epoch = [rows(a, p) for p in range(2)]  # 10 rows -> 2 full batches per epoch
+    assert len(set(sum(first_epoch, ()))) == 8
+    assert [rows(a, p) for p in (5, 1, 4)] == [rows(b, p) for p in (5, 1, 4)]  # random access = resume
+    assert rows(a, 2) != rows(a, 0) or rows(a, 3) != rows(a, 1)  # a new permutation per epoch
+    assert rows(ShuffledRows(encoded_rows(10), options, seed=4), 0) != rows(a, 0)
+
+    synth = SyntheticBatches(4, 97, seed=1)
+    for key, value in synth.batch(7).items():
+        np.testing.assert_array_equal(value, SyntheticBatches(4, 97, seed=1).batch(7)[key])
+    batch = synth.batch(0)
+    labels = batch["labels"]
+    assert ((labels != -100) <= (batch["base_mask"] > 0)).all() and ((labels != -100).sum(1) >= 1).all()
+    assert (batch["base_intervention_mask"] <= batch["base_mask"]).all()
+    assert (batch["base_ids"][np.arange(4), batch["base_mask"].argmax(1)] == 1).all()  # one BOS first
+
+    stream = as_source(iter(range(100)))
+    assert [stream.batch(p) for p in (3, 4, 9)] == [3, 4, 9]  # an iterable is skipped ahead on resume
+    assert as_source([10, 11]).batch(5) == 11
+
+
+# --------------------------------------------------------------------------------------------
+# In process: injected batches
+
+
+def test_loop_with_injected_batches(tmp_path):
+    cfg = load_config("configs/tiny.yaml", SMALL + ["train.steps=3", "train.checkpoint_every=2", "train.log_every=2"])
+    batches = [make_batch(np.random.default_rng(i)) for i in range(2)]
+    seen = []
+
+    def evaluate(method):  # the subprocess runs below cover the default evaluation
+        seen.append(method.params)
+        return {"accuracy": 0.25}
+
+    result = train(cfg, tmp_path / "run", batches=iter(batches * 2), eval_fn=evaluate, progress=False,
+                   mesh=make_mesh((1, 1, 1)))
+    assert result.status == "finished" and result.step == 3 and result.eval == {"accuracy": 0.25}
+    assert len(seen) == 1 and seen[0] is result.params
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in records] == [("train", 2), ("train", 3), ("eval", 3)]
+    assert all(np.isfinite(r["loss"]) and r["examples_per_s"] > 0 for r in records if r["event"] == "train")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 3
+    ckpt = RunCheckpoints(tmp_path / "run" / "checkpoints", read_only=True)
+    assert ckpt.all_steps() == [2, 3] and ckpt.best_step() == 3
+
+
+# --------------------------------------------------------------------------------------------
+# tools/train.py as a subprocess: kill -9 and SIGTERM, then --resume
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Runs tools/train.py; programs are shared through a compilation cache so only the first run compiles."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    # Every run uses the same settings (XLA_FLAGS from conftest included), so programs are identical.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+    def start(run, *extra):
+        cmd = [sys.executable, "-m", "tools.train", "--config", "configs/tiny.yaml", "--run", str(run),
+               "--no-progress", *[a for s in RUN for a in ("--set", s)], *extra]
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    return start
+
+
+def finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for_step(proc, run, step, timeout=240):
+    """Polls metrics.jsonl until `step` has been logged; returns the last logged step."""
+    deadline = time.time() + timeout
+    path = run / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists():
+            steps = [r["step"] for r in read_jsonl(path)]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for training")
+
+
+def final_state(run, step=12):
+    path = run / "checkpoints" / str(step)
+    return {name: jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path / name))
+            for name in ("params", "opt_state")}
+
+
+def assert_bit_identical(a, b):
+    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
+
+
+def read_jsonl(path):
+    """The complete records (kill -9 can cut the last line of a file short)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def train_losses(run):
+    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cli, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    code, out = finish(cli(run))
+    assert code == 0, out
+    assert "finished at step 12" in out and "mesh: {'data': 1, 'fsdp': 1, 'tensor': 1}" in out
+    return run
+
+
+def test_kill9_and_sigterm_then_resume_is_bit_identical(cli, uninterrupted, tmp_path):
+    """kill -9 at a random step, resume; SIGTERM at a later random step, resume; the end state is
+    bit for bit the uninterrupted run's."""
+    run = tmp_path / "run"
+    rng = np.random.default_rng()
+    kill_at, stop_at = int(rng.integers(4, 9)), int(rng.integers(9, 11))
+    where = f"(kill -9 at step {kill_at}, SIGTERM at step {stop_at})"
+
+    proc = cli(run)
+    while not (run / "checkpoints" / "3").is_dir():  # the step-3 checkpoint has landed
+        wait_for_step(proc, run, 3)
+        time.sleep(0.01)
+    killed = wait_for_step(proc, run, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    code, _ = finish(proc)
+    assert code == -signal.SIGKILL, f"the run ended before the kill {where}"
+    resumed_from = RunCheckpoints(run / "checkpoints", read_only=True).latest_step()
+    assert 3 <= resumed_from <= killed < 12, where
+
+    proc = cli(run, "--resume")
+    wait_for_step(proc, run, stop_at)
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == 0 and "preempted at step" in out, out
+    saved = RunCheckpoints(run / "checkpoints", read_only=True).latest_step()
+    assert stop_at <= saved < 12, where
+    events = read_jsonl(run / "metrics.jsonl")
+    assert events[-1] == {"event": "preempted", "step": saved}
+
+    code, out = finish(cli(run, "--resume"))
+    assert code == 0 and "finished at step 12" in out, out
+    assert_bit_identical(final_state(run), final_state(uninterrupted))
+    # Every logged loss of the interrupted runs equals the uninterrupted run's at the same step.
+    reference = train_losses(uninterrupted)
+    assert all(r["loss"] == reference[r["step"]] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "train")

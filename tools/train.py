@@ -1,0 +1,79 @@
+"""Train HyperDAS.
+
+  python -m tools.train --config configs/tiny.yaml --run runs/tiny
+  python -m tools.train --config configs/llama3_8b_ravel.yaml --set train.lr=2e-5 --run runs/8b
+  python -m tools.train --run runs/8b --resume            # continue from the latest checkpoint
+
+The same command runs on every host of a multi-host job (see docs/launch.md). SIGTERM
+(preemption) saves a checkpoint and exits 0; `--resume auto` makes a restart script idempotent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def resolve_config(args):
+    from hyperdas_jax.checkpoint import read_run_config
+    from hyperdas_jax.config import apply_overrides, from_dict, load_config, ExperimentConfig, to_dict
+
+    if args.config is not None:
+        return load_config(args.config, args.set)
+    stored = pathlib.Path(args.run) / "config.json"
+    if args.resume is not None and stored.is_file():
+        return from_dict(ExperimentConfig, apply_overrides(to_dict(read_run_config(args.run)), args.set))
+    raise SystemExit("error: give --config (or --resume on a run that has config.json)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML experiment config (default with --resume: the run's config.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. train.lr=3e-5 (repeatable)")
+    parser.add_argument("--run", required=True, help="run directory: config.json, checkpoints/, metrics.jsonl")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STEP",
+                        help="continue from a checkpoint: latest (default), a step number, or 'auto' "
+                             "(latest if any, else start fresh)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from hyperdas_jax.checkpoint import CheckpointError
+    from hyperdas_jax.config import ConfigError, to_dict
+    from hyperdas_jax.sharding import maybe_initialize_distributed
+
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    maybe_initialize_distributed(cfg.mesh)  # before anything touches a device
+
+    import jax
+
+    from hyperdas_jax.loop import train
+    from hyperdas_jax.sharding import mesh_from_config
+
+    try:
+        mesh = mesh_from_config(cfg.mesh)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        print(json.dumps(to_dict(cfg), indent=2))
+        print(f"mesh: {dict(mesh.shape)} over {mesh.size} of {jax.device_count()} {jax.devices()[0].platform} "
+              f"devices, {jax.process_count()} process(es)")
+    try:
+        result = train(cfg, args.run, resume=args.resume, mesh=mesh, progress=not args.no_progress)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        print(f"{result.status} at step {result.step}: " + json.dumps(result.metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

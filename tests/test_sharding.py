@@ -21,15 +21,21 @@ from hyperdas_jax.sharding import (
     mesh_from_config,
     param_specs,
     shard_batch,
+    use_mesh,
 )
 from hyperdas_jax.target import restore_model, save_target
 from hyperdas_jax.train import Steps, label_window
 
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+# (mesh, rematerialise the target's upper blocks and the hypernetwork's blocks): remat is checked
+# where it matters, under FSDP, against the reference computed without it.
+MESHES = [((8, 1, 1), False), ((1, 8, 1), True), ((2, 2, 2), False), ((1, 2, 4), True)]
 # A smaller tiny model (one hypernetwork block, two target blocks) keeps five compilations cheap.
 # lr is the paper's 4e-5: Adam's first step is lr·g/(|g|+ε), so for entries whose gradient is
 # near ε a 1e-9 difference in g (float reassociation across shards) moves the update by up to lr;
 # at tiny.yaml's lr 1e-3 that is ~3e-5 for a few entries, at 4e-5 it is far below 1e-5.
+# LLVM optimisation of the CPU kernels is most of the compile time and changes nothing tested
+# here (every program in a comparison is compiled the same way).
+FAST = {"xla_backend_optimization_level": 0}
 # The vocabulary is 96, not tiny.yaml's 97: device_put (and Orbax restore) need every sharded
 # dimension to divide its mesh axes (vocab over "tensor"); Llama-3's 128256 divides by 2..16.
 VOCAB = 96
@@ -50,8 +56,10 @@ def one_step(cfg, host_target, host_model, batch, mesh):
     steps = Steps(model, target, cfg)
     opt = steps.init_opt_state(steps.params)
     key = jax.device_put(jax.random.key(0), NamedSharding(mesh, P()))
-    params, new_opt, metrics = steps.train(steps.params, opt, shard_batch(batch, mesh), 0, key,
-                                           window=label_window(batch["labels"]))
+    args = (steps.params, opt, steps.target_state, shard_batch(batch, mesh), np.int32(0), key)
+    with use_mesh(mesh):  # Steps.train's own path, compiled with FAST
+        compiled = steps.train_fn(label_window(batch["labels"])).lower(*args).compile(FAST)
+    params, new_opt, metrics = compiled(*args)
     return steps, (params, new_opt, metrics), (steps.params, opt)
 
 
@@ -93,9 +101,12 @@ def expected_shard_shape(shape, spec, mesh):
     return tuple(out)
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_sharded_step_equals_one_device(reference, shape):
+@pytest.mark.parametrize("shape,remat", MESHES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else
+                         ("remat" if s else "plain"))
+def test_sharded_step_equals_one_device(reference, shape, remat):
     cfg, host_target, host_model, batch, (ref_params, ref_opt, ref_metrics) = reference
+    if remat:
+        cfg = load_config("configs/tiny.yaml", OVERRIDES + ["target.remat=true"])
     mesh = make_mesh(shape)
     steps, (params, opt, metrics), (old_params, old_opt) = one_step(cfg, host_target, host_model, batch, mesh)
 
@@ -103,7 +114,8 @@ def test_sharded_step_equals_one_device(reference, shape):
     loss_diff = abs(float(metrics["loss"]) - float(ref_metrics["loss"]))
     param_diff = max_diff(params, ref_params)
     moment_diff = max_diff(opt, ref_opt)  # Adam's mu = 0.1·g after one step: the gradients agree too
-    print(f"mesh {shape}: |Δloss| {loss_diff:.2e}, max |Δparam| {param_diff:.2e}, max |Δopt state| {moment_diff:.2e}")
+    print(f"mesh {shape} remat={remat}: |Δloss| {loss_diff:.2e}, max |Δparam| {param_diff:.2e}, "
+          f"max |Δopt state| {moment_diff:.2e}")
     assert loss_diff <= 1e-5 and param_diff <= 1e-5 and moment_diff <= 1e-6
 
     # The step's outputs keep the inputs' layouts (so step 2 reuses step 1's program).
@@ -126,14 +138,6 @@ def test_sharded_step_equals_one_device(reference, shape):
     embed = steps.target_state["embed_tokens"]["embedding"][...]
     assert embed.addressable_shards[0].data.shape == expected_shard_shape(
         embed.shape, P("tensor", "fsdp"), mesh)
-
-
-def test_rematerialised_target_blocks_give_the_same_step(reference):
-    cfg, host_target, host_model, batch, (ref_params, _, ref_metrics) = reference
-    remat = load_config("configs/tiny.yaml", OVERRIDES + ["target.remat=true"])
-    _, (params, _, metrics), _ = one_step(remat, host_target, host_model, batch, make_mesh((1, 1, 1)))
-    assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) <= 1e-6
-    assert max_diff(params, ref_params) <= 1e-6
 
 
 def test_param_specs_table_follows_the_rules():
@@ -186,8 +190,8 @@ def test_memory_planner_and_sharding_table_tools(capsys):
     from tools import plan_memory, show_sharding
 
     assert plan_memory.parse_mesh("fsdp=8") == (1, 8, 1) and plan_memory.parse_mesh("data=2,tensor=4") == (2, 1, 4)
-    cfg = load_config("configs/tiny.yaml", OVERRIDES + ["target.param_dtype=bfloat16", "target.remat=true"])
-    result = plan_memory.plan(cfg, (1, 4, 2), batch_size=8, seq=16, editor_seq=8, window=4)
+    cfg = load_config("configs/tiny.yaml", OVERRIDES + ["target.param_dtype=bfloat16"])
+    result = plan_memory.plan(cfg, (1, 4, 2), batch_size=8, seq=16, editor_seq=8, window=4, compiler_options=FAST)
     b = result["bytes"]
     # Each device holds about 1/8 of the fp32 hypernetwork (norms and a few 4-way kernels are not
     # 8-way split) and of the bf16 target, and two Adam moments per parameter.
@@ -197,6 +201,7 @@ def test_memory_planner_and_sharding_table_tools(capsys):
     assert b["peak estimate"] >= b["arguments (XLA)"] and result["flops"] > 0
     assert "fits in 14 GiB" in plan_memory.format_plan(result, 14)
 
-    assert show_sharding.main(["--config", "configs/tiny.yaml", "--mesh", "fsdp=2,tensor=4", "--only", "hypernet"]) == 0
+    assert show_sharding.main(["--config", "configs/tiny.yaml", "--mesh", "fsdp=2,tensor=4", "--only", "hypernet",
+                               "--set", f"target.random.vocab_size={VOCAB}"]) == 0
     out = capsys.readouterr().out
     assert "| hypernet/hypernet/layers/0/mlp/gate_proj/kernel | (64, 96) | float32 | P('fsdp', 'tensor') | (32, 24) |" in out

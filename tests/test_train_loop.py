@@ -95,9 +95,10 @@ def test_loop_with_injected_batches(tmp_path):
 def cli(tmp_path_factory):
     """Runs tools/train.py; programs are shared through a compilation cache so only the first run compiles."""
     cache = tmp_path_factory.mktemp("jax_cache")
-    # Every run uses the same settings (XLA_FLAGS from conftest included), so programs are identical.
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               # LLVM optimisation is most of the CPU compile time; every run here uses the same setting.
+               XLA_FLAGS="--xla_backend_optimization_level=0")
 
     def start(run, *extra):
         cmd = [sys.executable, "-m", "tools.train", "--config", "configs/tiny.yaml", "--run", str(run),

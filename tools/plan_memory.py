@@ -83,7 +83,8 @@ def abstract_batch(batch: dict, mesh) -> dict:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh)) for k, v in batch.items()}
 
 
-def plan(cfg, shape, *, batch_size: int | None = None, seq: int = 64, editor_seq: int = 32, window: int = 16) -> dict:
+def plan(cfg, shape, *, batch_size: int | None = None, seq: int = 64, editor_seq: int = 32, window: int = 16,
+         compiler_options: dict | None = None) -> dict:
     """Compiles the train step for `cfg` on a `shape` mesh from abstract values and reports its memory.
 
     Args:
@@ -93,6 +94,7 @@ def plan(cfg, shape, *, batch_size: int | None = None, seq: int = 64, editor_seq
       seq: padded base and source length (RAVEL prompts + answer are <= 50 tokens: bucket 64).
       editor_seq: padded instruction length.
       window: label window (answer positions that get logits).
+      compiler_options: XLA options for `compile()` (tests use a low optimisation level).
     Returns:
       A dict of per-device bytes (arguments by kind, XLA's argument/output/alias/temp sizes,
       peak estimate) and FLOPs.
@@ -128,7 +130,7 @@ def plan(cfg, shape, *, batch_size: int | None = None, seq: int = 64, editor_seq
     step = jax.ShapeDtypeStruct((), "int32", sharding=replicated)
     with use_mesh(mesh):
         lowered = steps.train_fn(window).lower(steps.params, opt, steps.target_state, batch, step, key)
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -24,7 +24,11 @@ def rows(state, prefix: str):
     values = {"/".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
     for path, (shape, spec, _) in param_specs(state).items():
         value = values[path]
-        yield f"{prefix}/{path}", shape, str(value.dtype), spec, tuple(value.sharding.shard_shape(value.shape))
+        try:
+            shard = tuple(value.sharding.shard_shape(value.shape))
+        except ValueError:  # a dimension that does not divide its mesh axes
+            shard = "uneven"
+        yield f"{prefix}/{path}", shape, str(value.dtype), spec, shard
 
 
 def main(argv=None) -> int:

@@ -46,14 +46,17 @@ class HyperDAS(nnx.Module):
 
 def build_hyperdas(target: Llama, cfg: ExperimentConfig, *, seed: int = 0, mesh=None) -> HyperDAS:
     """A HyperDAS model for `target`, initialised from it as the config says (params born sharded)."""
-    from hyperdas_jax.sharding import create_sharded
+    from hyperdas_jax.sharding import current_or_default_mesh, use_mesh
 
-    def init():
+    def init(target):
         model = HyperDAS(target.config, cfg, rngs=nnx.Rngs(seed))
         copy_from_target(model.hypernet, target)
         return model
 
-    return create_sharded(init, mesh)
+    # The target is an argument, not a closure: closed-over weights would be baked into the
+    # program as constants (16 GB for Llama-3-8B), and across hosts they cannot be closed over at all.
+    with use_mesh(current_or_default_mesh(mesh)):
+        return nnx.jit(init)(target)
 
 
 class Outputs(NamedTuple):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -152,9 +153,10 @@ class RunCheckpoints:
             return steps[-1]
         if step == "best":
             best = self.best_step()
-            if best is None:
-                raise CheckpointError(f"{self.directory}: no checkpoint carries an evaluation "
-                                      f"'{self.metric}', so there is no best one (steps: {steps})")
+            if best is None:  # the run never evaluated (no validation data): say so, use the latest
+                print(f"warning: no checkpoint in {self.directory} carries an evaluation '{self.metric}'; "
+                      f"using the latest, step {steps[-1]}", file=sys.stderr)
+                return steps[-1]
             return best
         try:
             step = int(step)

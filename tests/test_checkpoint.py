@@ -16,6 +16,10 @@ from hyperdas_jax.models.hyperdas import HyperDAS
 from hyperdas_jax.sharding import abstract_module, make_mesh
 from hyperdas_jax.train import make_optimizer, opt_state_shardings
 
+# Orbax reads arrays concurrently; when a read of the corrupt checkpoint fails, the other reads
+# are abandoned unawaited and garbage-collected later, during whichever test runs then.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 OVERRIDES = ["target.random.num_hidden_layers=2", "intervention.layer=1", "hypernet.num_layers=1",
              "target.random.vocab_size=96"]
 
@@ -154,3 +158,14 @@ def test_mismatched_checkpoint_is_a_clear_error(saved, tmp_path):
     # Cadence and evaluation settings may change on resume.
     check_resume_config(to_dict(cfg), to_dict(load_config("configs/tiny.yaml", OVERRIDES + [
         "train.checkpoint_every=7", "eval.modes=[soft]", "mesh.shape=[1,8,1]"])), "here")
+
+
+def test_best_falls_back_to_latest_when_nothing_was_evaluated(saved, tmp_path, capsys):
+    cfg, _, _ = saved
+    params, opt = abstract_state(cfg, make_mesh((1, 1, 1)))
+    ckpt = RunCheckpoints(tmp_path / "checkpoints", async_save=False)
+    for step in (5, 6):
+        ckpt.save(step, random_like(params, step), random_like(opt, step), {"position": step, "rng": [0, 0]})
+    assert ckpt.best_step() is None and ckpt.resolve("best") == 6
+    assert "carries an evaluation 'accuracy'; using the latest, step 6" in capsys.readouterr().err
+    ckpt.close()

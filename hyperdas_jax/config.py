@@ -293,7 +293,7 @@ class TargetConfig:
     random: ModelConfig | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str | None = None  # storage dtype override (bfloat16 halves a large target's memory)
-    remat: bool = False  # rematerialise the target's blocks [L, n) in the backward pass
+    remat: bool = False  # recompute the target's blocks [L, n) and the hypernetwork's blocks in the backward pass
 
     def __post_init__(self):
         if (self.path is None) == (self.random is None):

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from hyperdas_jax.data import collate, ravel_filter, ravel_store, ravel_tokens
+from hyperdas_jax.data import collate, ravel_filter, ravel_screen, ravel_store, ravel_tokens
 from hyperdas_jax.data.ravel_generate import GenerationOptions, generate_rows, split_template
 from hyperdas_jax.data.ravel_raw import RAVEL_DOMAINS, RavelError, load_domain, resolve_ravel
 from hyperdas_jax.data.ravel_schema import ROW_COLUMNS, TEMPLATE_COLUMNS, expected_answer, instruction_attribute
@@ -581,3 +581,76 @@ def test_filter_sees_the_collated_token_ids(smollm2_tokenizer, domains):
     for batch in collate.iterate_batches(collate.encode_rows(rows, smollm2_tokenizer, opts), opts):
         for i in np.flatnonzero(batch["valid"] & ~batch["is_causal"]):
             assert tuple(batch["base_ids"][i][batch["base_mask"][i] == 1].tolist()) in seen
+
+
+def _knows(tokenizer, entities):
+    """A fake target that answers perfectly exactly when the prompt names one of `entities`."""
+    names = set(entities)
+    calls = []
+
+    def predict(ids, mask):
+        calls.append(ids.shape)
+        out = _perfect(ids, mask)
+        for i, (row, m) in enumerate(zip(ids, mask)):
+            text = tokenizer.decode(row[m == 1])
+            if not any(n in text for n in names):
+                out[i] = 0
+        return out
+
+    return predict, calls
+
+
+def test_screen_pools_are_the_known_entities_and_rows_come_from_them(smollm2_tokenizer, domains):
+    city = domains["city"]
+    names = city.entities("both")
+    text = " ".join([t for a in city.attributes for t in city.attribute_templates[a]]
+                    + [v for e in names for v in city.entity_attributes[e].values()])
+    # Names the fake can spot unambiguously: in no template, value or other entity name.
+    known = [e for e in names if e[0] in "ABC" and e not in text and not any(e in o for o in names if o != e)]
+    predict, calls = _knows(smollm2_tokenizer, known)
+    opts = ravel_filter.FilterOptions(n_answer_tokens=3, batch_size=32, progress=False)
+    cache = {}
+    pools, report = ravel_screen.screen_entities(
+        city, ["Country", "Continent"], smollm2_tokenizer, predict, opts,
+        ravel_screen.ScreenOptions(n_entities=80, n_templates=2, seed=5), cache)
+    for attribute in ("Country", "Continent"):
+        probed = report[attribute]["entities"]
+        assert len(probed) == 80 and report[attribute]["queries"] == 160
+        assert len(report[attribute]["templates"]) == 2
+        assert all(t in city.templates(attribute, "train") for t in report[attribute]["templates"])
+        expected = sorted(set(probed) & set(known))
+        assert pools[attribute] == expected and report[attribute]["known"] == len(expected) >= 5
+        assert len(expected) < len(probed)
+    assert len(cache) == 320
+
+    n_calls = len(calls)
+    again = ravel_filter.check_queries(list(cache), smollm2_tokenizer, predict, opts, cache)
+    assert len(calls) == n_calls and again == list(cache.values())  # answered from the cache
+
+    rows = generate_rows(city, GenerationOptions("city", ("Country",), n_per_attribute=40, seed=2,
+                                                 entity_pools=pools, isolate_attributes=("Country", "Continent")))
+    assert {r["attribute"] for r in rows} == {"Country", "Continent"}
+    for r in rows:
+        assert r["entity"] in pools[r["attribute"]]
+        if r["attribute_type"] == "causal":
+            assert r["counterfactual_entity"] in pools["Country"]
+    kept, table = ravel_filter.filter_rows(rows, smollm2_tokenizer, predict, opts, cache)
+    # Every row's prompts name a known entity, so only (c) can remove one.
+    assert table["total"]["failed_a"] == table["total"]["failed_b"] == 0
+    assert len(kept) == len(rows) - table["total"]["failed_c"]
+
+
+def test_entity_pool_errors(domains):
+    city = domains["city"]
+    france = [e for e in city.entities("both") if city.entity_attributes[e]["Country"] == "France"][:3]
+    with pytest.raises(RavelError, match="entity pool"):
+        generate_rows(city, GenerationOptions("city", ("Country",), n_per_attribute=4,
+                                              entity_pools={"Country": france}))
+    with pytest.raises(RavelError, match="without a value"):
+        generate_rows(city, GenerationOptions("city", ("Country",), n_per_attribute=4,
+                                              entity_pools={"Country": ["Atlantis", *france]}))
+    with pytest.raises(RavelError, match="Population"):
+        generate_rows(city, GenerationOptions("city", ("Country",), n_per_attribute=4,
+                                              isolate_attributes=("Population",)))
+    with pytest.raises(RavelError, match="n_entities"):
+        ravel_screen.ScreenOptions(n_entities=1)

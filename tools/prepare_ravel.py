@@ -8,6 +8,11 @@ Splits: train and validation come from RAVEL's train templates, split into two d
 sets (base templates per attribute and entity-bound Wikipedia fragments alike), so validation
 measures generalisation to unseen prompts as the test split does; test uses RAVEL's val + test
 templates. Entities are shared by all splits (the original's entity_split="both").
+
+With --screen-entities N, each asked attribute's N sampled entities are first put to the target with
+--screen-templates train prompts; base entities (and the source entities of causal rows) are then
+drawn only from those it answered right, so far fewer generated rows fail the filter. The screen's
+answers are cached and reused by the filter, which still checks every row.
 """
 
 from __future__ import annotations
@@ -102,12 +107,14 @@ def hold_out_templates(domain, fraction: float, seed: int):
     return relabel(False), relabel(True), held
 
 
-def generate_splits(domain, attributes, *, n_train: int, n_test: int, validation_fraction: float, seed: int):
+def generate_splits(domain, attributes, *, n_train: int, n_test: int, validation_fraction: float, seed: int,
+                    entity_pools=None, isolate_attributes=None):
     """Rows of every split for one domain.
 
     The train templates' n_train rows per attribute are shared out: round(n_train * fraction) to
     validation (held-out templates), the rest to train; test gets n_test rows per attribute from
     RAVEL's val + test templates. Each split draws from its own seed (seed, seed + 1, seed + 2).
+    entity_pools and isolate_attributes are passed to every split's `GenerationOptions`.
 
     Returns:
         ({split: rows}, held-out templates as in `hold_out_templates`).
@@ -119,7 +126,8 @@ def generate_splits(domain, attributes, *, n_train: int, n_test: int, validation
 
     def make(source, n, template_split, split_seed):
         options = GenerationOptions(domain.name, target_attributes=attributes, n_per_attribute=n,
-                                    template_split=template_split, entity_split="both", seed=split_seed)
+                                    template_split=template_split, entity_split="both", seed=split_seed,
+                                    entity_pools=entity_pools, isolate_attributes=isolate_attributes)
         return generate_rows(source, options)
 
     rows = {
@@ -164,6 +172,16 @@ def save_split(rows: list, path: pathlib.Path, columns: list[str]) -> None:
     datasets.Dataset.from_dict({c: [] for c in columns}, features=features).save_to_disk(str(path), num_shards=1)
 
 
+def _screen_line(report: dict[str, Any]) -> str:
+    screen = report["screen"]
+    if not screen["n_entities"]:
+        return "- entities: drawn from all (no screen)"
+    known = "; ".join(f"{d}: " + ", ".join(f"{a} {r['known']}/{r['probed']}" for a, r in attrs.items())
+                      for d, attrs in screen["domains"].items())
+    return (f"- entities: screened, {screen['n_entities']} per attribute x {screen['n_templates']} train "
+            f"templates, {report['timings']['screen_s']:.1f} s; known: {known}")
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The human-readable report: settings, rows per split, and per split and domain the filter table."""
     from hyperdas_jax.data.ravel_filter import format_report
@@ -179,6 +197,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- generated per attribute: train templates {report['n_train']} (validation fraction "
         f"{report['validation_fraction']}), test templates {report['n_test']}; seed {report['seed']}",
         f"- filter: rule `{f['rule']}`, " + ("the whole answer" if k == "all" else f"first {k} answer tokens"),
+        f"- isolate rows ask: {', '.join(report['isolate_attributes'] or ['every attribute with values'])}",
+        _screen_line(report),
         f"- time: {report['timings']['total_s']:.1f} s in all, "
         f"filter {sum(report['timings']['filter_s'].values()):.1f} s",
         "",
@@ -200,6 +220,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from hyperdas_jax.data.ravel_filter import FilterOptions, filter_rows
     from hyperdas_jax.data.ravel_raw import RavelError
     from hyperdas_jax.data.ravel_schema import ROW_COLUMNS
+    from hyperdas_jax.data.ravel_screen import ScreenOptions, screen_entities
     from hyperdas_jax.data.target_predict import make_predict_fn
     from hyperdas_jax.target import load_target, read_model_config
 
@@ -218,17 +239,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     source = ravel_raw.resolve_ravel(args.ravel, args.cache_dir)
     domains = [ravel_raw.load_domain(source, d) for d in dict.fromkeys(args.domains)]
     attributes = _domain_attributes(domains, args.attributes)
-    rows = {s: {} for s in SPLITS}
-    held = {}
-    for domain in domains:
-        per_split, held[domain.name] = generate_splits(
-            domain, attributes[domain.name], n_train=args.n_train, n_test=args.n_test,
-            validation_fraction=args.validation_fraction, seed=args.seed)
-        for split in SPLITS:
-            rows[split][domain.name] = per_split[split]
-    generated_s = time.time() - start
-    print(f"generated {', '.join(f'{s} {sum(map(len, rows[s].values()))}' for s in SPLITS)} rows "
-          f"in {generated_s:.1f}s", flush=True)
+    isolates = _domain_attributes(domains, args.isolate_attributes) if args.isolate_attributes else {}
 
     t0 = time.time()
     target = load_target(target_dir)
@@ -238,6 +249,38 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.time() - t0
     options = FilterOptions(rule=args.filter, n_answer_tokens=k, batch_size=args.batch_size,
                             progress=not args.quiet)
+    cache: dict = {}  # every checked (prompt, answer): the screen's probes are not rerun by the filter
+
+    pools, screen = {}, {}
+    t0 = time.time()
+    if args.screen_entities:
+        screen_options = ScreenOptions(n_entities=args.screen_entities, n_templates=args.screen_templates,
+                                       seed=args.seed)
+        for domain in domains:
+            asked = isolates.get(domain.name) or domain.valued_attributes
+            wanted = dict.fromkeys([*(attributes[domain.name] or domain.valued_attributes), *asked])
+            train_domain, _, _ = hold_out_templates(domain, args.validation_fraction, args.seed)
+            print(f"screening {domain.name}: {args.screen_entities} entities x {args.screen_templates} "
+                  f"train templates for {', '.join(wanted)}", flush=True)
+            pools[domain.name], screen[domain.name] = screen_entities(
+                train_domain, list(wanted), target.tokenizer, predict_fn, options, screen_options, cache)
+            for attribute, r in screen[domain.name].items():
+                print(f"  {attribute}: knows {r['known']} of {r['probed']}", flush=True)
+    screen_s = time.time() - t0
+
+    t0 = time.time()
+    rows = {s: {} for s in SPLITS}
+    held = {}
+    for domain in domains:
+        per_split, held[domain.name] = generate_splits(
+            domain, attributes[domain.name], n_train=args.n_train, n_test=args.n_test,
+            validation_fraction=args.validation_fraction, seed=args.seed,
+            entity_pools=pools.get(domain.name), isolate_attributes=isolates.get(domain.name))
+        for split in SPLITS:
+            rows[split][domain.name] = per_split[split]
+    generated_s = time.time() - t0
+    print(f"generated {', '.join(f'{s} {sum(map(len, rows[s].values()))}' for s in SPLITS)} rows "
+          f"in {generated_s:.1f}s", flush=True)
 
     kept: dict[str, list] = {}
     splits: dict[str, Any] = {}
@@ -247,7 +290,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         for domain in domains:
             todo = rows[split][domain.name]
             print(f"filtering {split}/{domain.name}: {len(todo)} rows", flush=True)
-            survivors, tables[domain.name] = filter_rows(todo, target.tokenizer, predict_fn, options)
+            survivors, tables[domain.name] = filter_rows(todo, target.tokenizer, predict_fn, options, cache)
             kept[split].extend(survivors)
         filter_s[split] = time.time() - t0
         splits[split] = {"generated": sum(len(r) for r in rows[split].values()), "kept": len(kept[split]),
@@ -264,10 +307,14 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         "n_test": args.n_test,
         "validation_fraction": args.validation_fraction,
         "seed": args.seed,
+        "isolate_attributes": args.isolate_attributes,
         "filter": {"rule": args.filter, "n_answer_tokens": k, "batch_size": args.batch_size},
+        "screen": {"n_entities": args.screen_entities, "n_templates": args.screen_templates, "domains": screen,
+                   "pools": pools},
         "validation_templates": held,
         "splits": splits,
-        "timings": {"generate_s": generated_s, "load_target_s": load_s, "filter_s": filter_s},
+        "timings": {"generate_s": generated_s, "load_target_s": load_s, "screen_s": screen_s,
+                    "filter_s": filter_s},
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -314,6 +361,14 @@ def main(argv=None) -> int:
                              "differ (c); original: (b) only, as HyperDAS did")
     parser.add_argument("--n-answer-tokens", type=_answer_tokens, default="auto",
                         help="answer tokens the checks compare, or 'all' (default: 3 for strict, all for original)")
+    parser.add_argument("--isolate-attributes", nargs="+", default=None,
+                        help="attributes isolate rows may ask (default: every attribute with values)")
+    parser.add_argument("--screen-entities", type=int, default=0,
+                        help="before generating, probe this many entities per asked attribute and draw base "
+                             "(and causal source) entities only from those the target knows; 0 = off (the "
+                             "original's draw from all entities)")
+    parser.add_argument("--screen-templates", type=int, default=2,
+                        help="train templates each screened entity must answer right")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per filter forward pass")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", required=True, help="output folder for train/ validation/ test/ and the report")
@@ -326,6 +381,8 @@ def main(argv=None) -> int:
         args.ravel = RAVEL_URL
     if min(args.n_train, args.n_test) < 0 or args.batch_size < 1:
         parser.error("--n-train and --n-test must be >= 0 and --batch-size >= 1")
+    if args.screen_entities and (args.screen_entities < 2 or args.screen_templates < 1):
+        parser.error("--screen-entities must be 0 or >= 2 and --screen-templates >= 1")
 
     from hyperdas_jax.data.ravel_raw import RavelError
     from hyperdas_jax.target import TargetError

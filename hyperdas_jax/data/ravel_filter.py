@@ -52,10 +52,40 @@ def _first_k(ids: list[int], k: int | None) -> list[int]:
     return ids if k is None else ids[:k]
 
 
+QueryCache = dict  # (prompt, answer) -> bool | None, shared by calls with one target, tokenizer and options
+
+
+def check_queries(
+    queries: list[tuple[str, str]],
+    tokenizer: Any,
+    predict_fn: PredictFn,
+    options: FilterOptions,
+    cache: QueryCache | None = None,
+) -> list[bool | None]:
+    """Teacher-forced check of (prompt, answer) pairs: does the target's argmax reproduce the answer?
+
+    Args:
+        queries: (prompt, answer) strings, tokenised as the rows they come from are.
+        tokenizer, predict_fn, options: as `filter_rows`.
+        cache: answers of earlier calls with the same target, tokenizer and options; pairs found
+            there are not run again, and new answers are added to it.
+
+    Returns:
+        Per query: True / False, or None where prompt + answer is too long to check.
+    """
+    if cache is None:
+        return _run_queries(queries, tokenizer, predict_fn, options)
+    todo = list(dict.fromkeys(q for q in queries if q not in cache))
+    cache.update(zip(todo, _run_queries(todo, tokenizer, predict_fn, options)))
+    return [cache[q] for q in queries]
+
+
 def _run_queries(
     queries: list[tuple[str, str]], tokenizer: Any, predict_fn: PredictFn, options: FilterOptions
 ) -> list[bool | None]:
     """Teacher-forced check of each (prompt, answer) pair; None where it is too long to check."""
+    if not queries:
+        return []
     bos = ravel_tokens.bos_id(tokenizer)
     pad = ravel_tokens.pad_id(tokenizer)
     prompts = ravel_tokens.encode_texts(tokenizer, [p for p, _ in queries])
@@ -98,6 +128,7 @@ def filter_rows(
     tokenizer: Any,
     predict_fn: PredictFn,
     options: FilterOptions = FilterOptions(),
+    cache: QueryCache | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Filters rows by what the un-intervened target model answers.
 
@@ -125,6 +156,8 @@ def filter_rows(
         predict_fn: (input_ids (B, T) int32, attention_mask (B, T) int32) -> argmax next-token
             ids (B, T) int32; inputs are left-padded.
         options: rule, k, batching.
+        cache: see `check_queries`; checks already answered there (by an entity screen or an
+            earlier split) cost no forward pass.
 
     Returns:
         (kept rows in input order, report). The report maps "causal/<attribute>",
@@ -148,7 +181,7 @@ def filter_rows(
         check_a = query(base_prompt, row["target"]) if strict else None
         check_b = query(row["verify_text"], expected_answer(row))
         wanted.append((check_a, check_b))
-    outcome = _run_queries(list(query_index), tokenizer, predict_fn, options)
+    outcome = check_queries(list(query_index), tokenizer, predict_fn, options, cache)
 
     causal = [is_causal(r) for r in rows]
     distinct = [True] * len(rows)

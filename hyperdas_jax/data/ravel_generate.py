@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+from typing import Mapping, Sequence
 
 from hyperdas_jax.data.ravel_raw import RavelDomain, RavelError, SPLIT_GROUPS, load_domain
 
@@ -26,6 +27,11 @@ class GenerationOptions:
         seed: seed of all sampling; each target attribute gets its own stream, so a target's rows
             do not depend on which other targets are generated alongside.
         include_template_columns: add the template and template-type columns to every row.
+        entity_pools: optional {attribute: entities}: rows whose base prompt asks that attribute
+            draw their base entity, and for causal rows also their source entity, from the pool
+            (a target model's known entities, see `ravel_screen`); other attributes draw from all.
+        isolate_attributes: attributes isolate rows may ask; None = every valued attribute (the
+            original). A target attribute is never its own isolate.
     """
 
     domain: str
@@ -35,8 +41,14 @@ class GenerationOptions:
     entity_split: str = "both"
     seed: int = 42
     include_template_columns: bool = True
+    entity_pools: Mapping[str, Sequence[str]] | None = None
+    isolate_attributes: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.isolate_attributes is not None:
+            object.__setattr__(self, "isolate_attributes", tuple(self.isolate_attributes))
+        if self.entity_pools is not None:
+            object.__setattr__(self, "entity_pools", {a: tuple(es) for a, es in self.entity_pools.items()})
         if self.target_attributes is not None:
             object.__setattr__(self, "target_attributes", tuple(self.target_attributes))
         if self.template_split not in SPLIT_GROUPS:
@@ -63,10 +75,12 @@ def split_template(template: str, entity: str) -> tuple[str, str]:
     return template[:slot] + entity, template[slot + 2 :]
 
 
-def _differing_pair(rng: random.Random, candidates: list[str], values: dict[str, str]) -> tuple[str, str]:
+def _differing_pair(
+    rng: random.Random, bases: list[str], sources: list[str], values: dict[str, str]
+) -> tuple[str, str]:
     """Draws base and source entities until their values differ (the original's redraw rule)."""
     while True:
-        base, source = rng.choice(candidates), rng.choice(candidates)
+        base, source = rng.choice(bases), rng.choice(sources)
         if values[base] != values[source]:
             return base, source
 
@@ -83,6 +97,16 @@ class _Sampler:
         }
         # Entities with an empty value (two Nobel winners have only "") cannot carry that attribute.
         self.candidates = {a: [e for e, v in vals.items() if v.strip()] for a, vals in self.values.items()}
+        # Base (and causal source) entities of prompts asking attribute a: its pool when one is given.
+        self.pools = dict(self.candidates)
+        for a, pool in (options.entity_pools or {}).items():
+            if a not in self.values:
+                raise RavelError(f"entity_pools names {a!r}, which has no values in domain {domain.name!r}")
+            unknown = sorted(set(pool) - set(self.candidates[a]))
+            if unknown:
+                raise RavelError(f"entity_pools[{a!r}] has entities without a value in {options.entity_split!r}: "
+                                 f"{', '.join(unknown[:5])}")
+            self.pools[a] = sorted(set(pool))
         self.base_templates = {a: domain.templates(a, options.template_split) for a in domain.attributes}
         # Source prompts may come from any attribute's templates, valued or not.
         self.source_attributes = [a for a in domain.attributes if self.base_templates[a]]
@@ -102,10 +126,11 @@ class _Sampler:
             raise RavelError(
                 f"attribute {attribute!r} of {self.domain.name!r} has no {self.options.template_split} templates"
             )
-        if len({self.values[attribute][e] for e in self.candidates[attribute]}) < 2:
+        if len({self.values[attribute][e] for e in self.pools[attribute]}) < 2:
+            where = "its entity pool" if self.pools[attribute] is not self.candidates[attribute] else \
+                f"entity split {self.options.entity_split!r}"
             raise RavelError(
-                f"attribute {attribute!r} of {self.domain.name!r} needs two entities with different values "
-                f"in entity split {self.options.entity_split!r}"
+                f"attribute {attribute!r} of {self.domain.name!r} needs two entities with different values in {where}"
             )
 
     def source_prompt(self, rng: random.Random, source: str) -> tuple[str, str]:
@@ -120,12 +145,13 @@ class _Sampler:
     def row(self, rng: random.Random, intervened: str, queried: str) -> dict[str, str]:
         """One row: causal when `queried == intervened`, else isolate for attribute `queried`."""
         values = self.values[queried]
-        base, source = _differing_pair(rng, self.candidates[queried], values)
+        causal = queried == intervened
+        pool = self.pools[queried]
+        base, source = _differing_pair(rng, pool, pool if causal else self.candidates[queried], values)
         base_template = rng.choice(self.base_templates[queried])
         source_template, source_type = self.source_prompt(rng, source)
         prefix, suffix = split_template(base_template, base)
         cf_prefix, cf_suffix = split_template(source_template, source)
-        causal = queried == intervened
         verify_text = "".join(split_template(base_template, source)) if causal else prefix + suffix
         row = {
             "input_prefix": prefix,
@@ -156,7 +182,8 @@ def generate_rows(source: RavelDomain | str | os.PathLike, options: GenerationOp
     """Generates causal and isolate rows for each target attribute.
 
     For target attribute A: n/2 causal rows (base prompt asks A, answer = source's A value) and
-    n/2 isolate rows split evenly over the other valued attributes B (base prompt asks B, answer =
+    n/2 isolate rows split evenly over the other attributes B of `options.isolate_attributes` (default:
+    every valued attribute; base prompt asks B, answer =
     base's own B value). Every instruction names A. Base and source are redrawn until their values
     of the attribute the base prompt asks differ. Rows come out grouped by target, causal first.
 
@@ -178,17 +205,19 @@ def generate_rows(source: RavelDomain | str | os.PathLike, options: GenerationOp
     targets = options.target_attributes
     if targets is None:
         targets = domain.valued_attributes
-    for attribute in targets:
+    asked = domain.valued_attributes if options.isolate_attributes is None else options.isolate_attributes
+    for attribute in (*targets, *asked):
         if attribute not in domain.attribute_templates:
             raise RavelError(
                 f"unknown attribute {attribute!r} for domain {domain.name!r}; known: {', '.join(domain.attributes)}"
             )
+    for attribute in targets:
         sampler.check_attribute(attribute)
 
     rows: list[dict[str, str]] = []
     for target in targets:
         rng = random.Random(f"{options.seed}/{domain.name}/{target}")
-        isolates = [a for a in domain.valued_attributes if a != target]
+        isolates = [a for a in asked if a != target]
         n = options.n_per_attribute
         n_causal = n // 2 if isolates else n
         rows.extend(sampler.row(rng, target, target) for _ in range(n_causal))

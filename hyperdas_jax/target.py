@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
-import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hyperdas_jax.atomic import atomic_directory
 from hyperdas_jax.config import ConfigError, ModelConfig, from_dict, to_dict
 from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.sharding import abstract_module
@@ -35,9 +34,7 @@ def save_target(out: str | pathlib.Path, model: Llama, tokenizer=None, *, info: 
     out = pathlib.Path(out).absolute()
     if out.exists() and not overwrite:
         raise TargetError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, nnx.state(model, nnx.Param))
@@ -45,12 +42,6 @@ def save_target(out: str | pathlib.Path, model: Llama, tokenizer=None, *, info: 
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / INFO_FILE).write_text(json.dumps(info or {}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

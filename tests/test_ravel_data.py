@@ -339,6 +339,26 @@ def test_save_load_round_trip(tmp_path, domains):
     ravel_store.save_rows(rows[:3], path, overwrite=True)
     assert ravel_store.load_rows(path).to_list() == rows[:3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # An empty split still loads, with the columns it was given.
+    empty = ravel_store.load_rows(ravel_store.save_rows([], tmp_path / "empty", columns=list(rows[0])))
+    assert len(empty) == 0 and empty.column_names == [*ROW_COLUMNS, *TEMPLATE_COLUMNS]
+
+
+def test_atomic_directory_replaces_or_keeps(tmp_path):
+    from hyperdas_jax.atomic import atomic_directory
+
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (out / "a.txt").read_text() == "one"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(out) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise KeyboardInterrupt
+    assert (out / "a.txt").read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_directory(out) as tmp:
+        (tmp / "b.txt").write_text("three")
+    assert [p.name for p in out.iterdir()] == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_failed_save_leaves_no_output(tmp_path):

@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import random
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -158,20 +155,6 @@ def _domain_attributes(domains, wanted: list[str] | None) -> dict[str, tuple[str
     return out
 
 
-def save_split(rows: list, path: pathlib.Path, columns: list[str]) -> None:
-    """Writes one split; an empty split is written with one empty shard so it still loads."""
-    from hyperdas_jax.data import ravel_store
-
-    if rows:
-        ravel_store.save_rows(rows, path)
-        return
-    import datasets
-
-    # `save_to_disk` of an empty Dataset writes zero shards, which `load_from_disk` cannot read.
-    features = datasets.Features({c: datasets.Value("string") for c in columns})
-    datasets.Dataset.from_dict({c: [] for c in columns}, features=features).save_to_disk(str(path), num_shards=1)
-
-
 def _screen_line(report: dict[str, Any]) -> str:
     screen = report["screen"]
     if not screen["n_entities"]:
@@ -216,10 +199,10 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Generates, filters and writes every split; returns the report. Raises on bad input, writing nothing."""
-    from hyperdas_jax.data import ravel_raw
+    from hyperdas_jax.atomic import atomic_directory
+    from hyperdas_jax.data import ravel_raw, ravel_store
     from hyperdas_jax.data.ravel_filter import FilterOptions, filter_rows
     from hyperdas_jax.data.ravel_raw import RavelError
-    from hyperdas_jax.data.ravel_schema import ROW_COLUMNS
     from hyperdas_jax.data.ravel_screen import ScreenOptions, screen_entities
     from hyperdas_jax.data.target_predict import make_predict_fn
     from hyperdas_jax.target import load_target, read_model_config
@@ -317,26 +300,13 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
                     "filter_s": filter_s},
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         for split in SPLITS:
             generated = [r for d in domains for r in rows[split][d.name]]
-            columns = list(generated[0]) if generated else list(ROW_COLUMNS)
-            save_split(kept[split], tmp / split, columns)
+            ravel_store.save_rows(kept[split], tmp / split, columns=list(generated[0]) if generated else ())
         report["timings"]["total_s"] = time.time() - start
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(report))
-        if out.exists():
-            old = tmp.with_suffix(".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return report
 
 

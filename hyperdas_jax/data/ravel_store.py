@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
-import tempfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import datasets
 
+from hyperdas_jax.atomic import atomic_directory
 from hyperdas_jax.data.ravel_raw import RavelError
 from hyperdas_jax.data.ravel_schema import ROW_COLUMNS, as_row_list
 
 
 def save_rows(
-    rows: Iterable[Mapping[str, Any]], path: str | os.PathLike, *, overwrite: bool = False
+    rows: Iterable[Mapping[str, Any]], path: str | os.PathLike, *, overwrite: bool = False,
+    columns: Sequence[str] = (),
 ) -> pathlib.Path:
     """Writes rows with `Dataset.save_to_disk`, all columns typed string.
 
@@ -27,6 +27,7 @@ def save_rows(
             every row with the same keys.
         path: output folder.
         overwrite: replace an existing folder; otherwise an existing `path` is an error.
+        columns: extra columns (beyond ROW_COLUMNS) of an empty split; rows bring their own.
 
     Returns:
         The output folder.
@@ -35,7 +36,7 @@ def save_rows(
     rows = as_row_list(rows)
     if path.exists() and not overwrite:
         raise RavelError(f"output folder already exists: {path}")
-    columns = list(ROW_COLUMNS) + [c for c in (rows[0] if rows else {}) if c not in ROW_COLUMNS]
+    columns = list(ROW_COLUMNS) + [c for c in (rows[0] if rows else columns) if c not in ROW_COLUMNS]
     for i, row in enumerate(rows):
         if set(row) != set(columns):
             raise RavelError(f"row {i} has columns {sorted(row)}, expected {sorted(columns)}")
@@ -45,21 +46,9 @@ def save_rows(
     features = datasets.Features({c: datasets.Value("string") for c in columns})
     table = {c: [row[c] for row in rows] for c in columns}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp))
-        if path.exists():
-            # Move the old folder aside first so a failure in between still leaves one complete set.
-            old = tmp.with_suffix(".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic_directory(path) as tmp:
+        # An empty Dataset would otherwise be saved as zero shards, which load_from_disk cannot read.
+        datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp), num_shards=1 if not rows else None)
     return path
 
 

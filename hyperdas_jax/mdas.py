@@ -22,6 +22,13 @@ from hyperdas_jax.models.intervention import Orthonormal
 from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.train import Steps
 
+# Config overrides that turn a HyperDAS experiment config into MDAS training (§10): AdamW on the
+# rotations only, no clipping, causal/isolate weights 7.5/1. The original's lr 1e-4 goes with 5
+# epochs over 20,000+ rows per attribute; for runs of a few hundred steps (the CPU main job and
+# layer sweep) the rotations get HyperDAS's rotation lr, 1e-3, so the short budget starves neither.
+TRAIN_OVERRIDES = ("train.rotate_lr=1e-3", "train.causal_loss_weight=7.5", "train.iso_loss_weight=1.0",
+                   "train.clip_norm=1e9")
+
 
 class MDAS(nnx.Module):
     """Per-attribute orthonormal R_a (d, k), stacked: `rotate_layer[a]`."""

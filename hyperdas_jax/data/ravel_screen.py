@@ -2,8 +2,8 @@
 
 RAVEL builds one instance per model from entity/prompt pairs the model answers correctly. Drawing
 rows from all entities and filtering afterwards wastes most of the filter's forward passes on a
-small model: SmolLM2-135M knows the country of roughly one RAVEL city in six, and a causal row
-needs it to know two. The screen asks each sampled entity a few train-template prompts per
+small model: SmolLM2-135M answers two country prompts right for 44 of 600 sampled RAVEL cities, and
+a causal row needs it to know two. The screen asks each sampled entity a few train-template prompts per
 attribute, with the filter's own teacher-forced check; entities answered right by every screening
 prompt form that attribute's pool (`GenerationOptions.entity_pools`). Rows drawn from the pools
 still go through `filter_rows`, which stays the only judge of what is kept; sharing the screen's

@@ -334,15 +334,6 @@ def test_validation_templates_are_disjoint_from_train(ravel_tgz):
     assert all(domain.template_split[r["base_template"]] in ("val", "test") for r in rows["test"])
 
 
-def test_empty_split_is_written_loadably(tmp_path):
-    from hyperdas_jax.data.ravel_schema import ROW_COLUMNS
-    from tools.prepare_ravel import save_split
-
-    save_split([], tmp_path / "empty", list(ROW_COLUMNS))
-    rows = ravel_store.load_rows(tmp_path / "empty")
-    assert len(rows) == 0 and rows.column_names == list(ROW_COLUMNS)
-
-
 # ----------------------------------------------------------------------------- the real SmolLM2 target
 
 _SEPARATOR_FREE_ENDINGS = (" ", '"', "'", "(")

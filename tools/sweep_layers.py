@@ -197,14 +197,15 @@ def main(argv=None) -> int:
         return 1
     sweep = {"attribute": args.attribute, "split": args.split, "n_rows": len(eval_rows), "mode": args.mode,
              "target": str(cfg.target.path), "steps": args.steps, "layers": {}}
-    for layer in layers:
-        sweep["layers"][str(layer)] = run_layer(layer, cfg, args, train_dir, eval_rows, target)
-        r = sweep["layers"][str(layer)]
+    for layer in layers:  # in the order given; the table, plot and JSON list layers ascending
+        r = run_layer(layer, cfg, args, train_dir, eval_rows, target)
+        sweep["layers"] = dict(sorted({**sweep["layers"], str(layer): r}.items(), key=lambda kv: int(kv[0])))
         print(f"layer {layer}: disentangle HyperDAS {_pct(r['HyperDAS']['disentangle'])}, "
               f"MDAS {_pct(r['MDAS']['disentangle'])}", flush=True)
+        # Written after every layer, so an interrupted sweep still shows what it has.
         (out / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
-    (out / "sweep.md").write_text(sweep_markdown(sweep))
-    plot_sweep(sweep, out / "sweep.png")
+        (out / "sweep.md").write_text(sweep_markdown(sweep))
+        plot_sweep(sweep, out / "sweep.png")
     print(sweep_markdown(sweep))
     print(f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}")
     return 0

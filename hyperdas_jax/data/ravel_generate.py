@@ -127,8 +127,8 @@ class _Sampler:
                 f"attribute {attribute!r} of {self.domain.name!r} has no {self.options.template_split} templates"
             )
         if len({self.values[attribute][e] for e in self.pools[attribute]}) < 2:
-            where = "its entity pool" if self.pools[attribute] is not self.candidates[attribute] else \
-                f"entity split {self.options.entity_split!r}"
+            pooled = attribute in (self.options.entity_pools or {})
+            where = "its entity pool" if pooled else f"entity split {self.options.entity_split!r}"
             raise RavelError(
                 f"attribute {attribute!r} of {self.domain.name!r} needs two entities with different values in {where}"
             )

@@ -73,7 +73,10 @@ def run_layer(layer: int, cfg_base, args, train_dir: pathlib.Path, eval_rows: li
             start = time.time()
             print(f"layer {layer}: training {name} ({cfg.train.steps} steps)", flush=True)
             if name == "HyperDAS":
-                loop.train(cfg, where / "run", resume="auto", progress=not args.no_progress)
+                result = loop.train(cfg, where / "run", resume="auto", progress=not args.no_progress)
+                if result.status != "finished":  # preempted: never score a half-trained run
+                    raise SystemExit(f"layer {layer}: HyperDAS training stopped early ({result.status}); "
+                                     "rerun the same command to resume")
                 method = load_trained_method(where / "run", step="latest")
                 modes = (args.mode,)
             else:

@@ -295,7 +295,8 @@ def plot_selection(
     return path
 
 
-def _pct(value: float | None) -> str:
+def format_pct(value: float | None) -> str:
+    """A score as a percentage with two decimals; '-' for a score with no rows."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
@@ -326,16 +327,16 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     ]
     for mode in modes:
         o, p = results["modes"][mode]["overall"], results["modes"][mode]["pooled"]
-        lines.append(f"| {mode} | {_pct(o['cause'])} | {_pct(o['isolate'])} | {_pct(o['disentangle'])} "
-                     f"| {_pct(p['cause'])} | {_pct(p['isolate'])} |")
+        lines.append(f"| {mode} | {format_pct(o['cause'])} | {format_pct(o['isolate'])} "
+                     f"| {format_pct(o['disentangle'])} | {format_pct(p['cause'])} | {format_pct(p['isolate'])} |")
     domains = sorted({d for m in modes for d in results["modes"][m]["domains"]})
     lines += ["", "## Per domain", "", "| domain | mode | cause | isolate | disentangle |", "|---|---|---:|---:|---:|"]
     for domain in domains:
         for mode in modes:
             d = results["modes"][mode]["domains"].get(domain)
             if d is not None:
-                lines.append(f"| {domain} | {mode} | {_pct(d['cause'])} | {_pct(d['isolate'])} "
-                             f"| {_pct(d['disentangle'])} |")
+                lines.append(f"| {domain} | {mode} | {format_pct(d['cause'])} | {format_pct(d['isolate'])} "
+                             f"| {format_pct(d['disentangle'])} |")
     attributes = sorted({a for m in modes for a in results["modes"][m]["attributes"]})
     lines += ["", "## Per attribute (the attribute the instruction names)", "",
               "| attribute | mode | cause | isolate | disentangle | causal rows | isolate rows |",
@@ -344,8 +345,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         for mode in modes:
             a = results["modes"][mode]["attributes"].get(attribute)
             if a is not None:
-                lines.append(f"| {attribute} | {mode} | {_pct(a['cause'])} | {_pct(a['isolate'])} "
-                             f"| {_pct(a['disentangle'])} | {a['n_causal']} | {a['n_isolate']} |")
+                lines.append(f"| {attribute} | {mode} | {format_pct(a['cause'])} | {format_pct(a['isolate'])} "
+                             f"| {format_pct(a['disentangle'])} | {a['n_causal']} | {a['n_isolate']} |")
     if results.get("heatmaps"):
         lines += ["", "## Selection heatmaps", ""] + [f"- {p}" for p in results["heatmaps"]]
     return "\n".join(lines) + "\n"

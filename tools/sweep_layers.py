@@ -97,12 +97,9 @@ def run_layer(layer: int, cfg_base, args, train_dir: pathlib.Path, eval_rows: li
     return results
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
-
-
 def sweep_markdown(sweep: dict) -> str:
-    pct = _pct
+    from hyperdas_jax.evaluate import format_pct as pct
+
     lines = [f"# Layer sweep: {sweep['attribute']}, {sweep['split']} split ({sweep['n_rows']} rows)", "",
              f"Target `{sweep['target']}`; {sweep['steps']} training steps per method and layer; HyperDAS in "
              f"{sweep['mode']} mode. Scores in %: cause / isolate / disentangle.", "",
@@ -163,6 +160,7 @@ def main(argv=None) -> int:
 
     from hyperdas_jax.config import ConfigError, MODES, load_config
     from hyperdas_jax.data import ravel_store
+    from hyperdas_jax.evaluate import format_pct
     from hyperdas_jax.target import load_target
 
     if args.mode not in MODES:
@@ -203,8 +201,8 @@ def main(argv=None) -> int:
     for layer in layers:  # in the order given; the table, plot and JSON list layers ascending
         r = run_layer(layer, cfg, args, train_dir, eval_rows, target)
         sweep["layers"] = dict(sorted({**sweep["layers"], str(layer): r}.items(), key=lambda kv: int(kv[0])))
-        print(f"layer {layer}: disentangle HyperDAS {_pct(r['HyperDAS']['disentangle'])}, "
-              f"MDAS {_pct(r['MDAS']['disentangle'])}", flush=True)
+        print(f"layer {layer}: disentangle HyperDAS {format_pct(r['HyperDAS']['disentangle'])}, "
+              f"MDAS {format_pct(r['MDAS']['disentangle'])}", flush=True)
         # Written after every layer, so an interrupted sweep still shows what it has.
         (out / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
         (out / "sweep.md").write_text(sweep_markdown(sweep))

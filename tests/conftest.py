@@ -10,16 +10,15 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture(scope="session")
 def ravel_tgz() -> pathlib.Path:
-    path = SHARED / "ravel" / "data.tgz"
-    if not path.exists():
-        pytest.fail(f"RAVEL archive not found at {path}; ../shared must sit beside the checkout")
-    return path
+    """The RAVEL archive packaged with hyperdas_jax, after its sha256 check."""
+    from hyperdas_jax.data.ravel_raw import BUNDLED_RAVEL, check_bundled
+
+    check_bundled()
+    return BUNDLED_RAVEL
 
 
 @pytest.fixture(scope="session")

@@ -158,6 +158,26 @@ def test_bad_sources_raise_clear_errors(extracted, tmp_path, ravel_tgz):
         load_domain(partial, "city")
 
 
+def test_packaged_archive_is_the_default_and_is_checked(tmp_path, monkeypatch, domains):
+    from hyperdas_jax.data import ravel_raw
+
+    assert load_domain(None, "verb") == domains["verb"]
+    # A truncated or altered packaged archive is a one-line error naming the file.
+    for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("flipped", lambda b: b[:-1] + bytes([b[-1] ^ 1]))):
+        copy = tmp_path / name / "data.tgz"
+        copy.parent.mkdir()
+        copy.write_bytes(damage(ravel_raw.BUNDLED_RAVEL.read_bytes()))
+        monkeypatch.setattr(ravel_raw, "BUNDLED_RAVEL", copy.resolve())
+        for load in (lambda: load_domain(None, "city"), lambda: resolve_ravel(copy)):
+            with pytest.raises(RavelError) as info:
+                load()
+            message = str(info.value)
+            assert "\n" not in message and str(copy.resolve()) in message and "damaged" in message
+    copy.unlink()
+    with pytest.raises(RavelError, match="packaged RAVEL archive .* is missing"):
+        ravel_raw.check_bundled(copy)
+
+
 def test_unreachable_url_raises_and_leaves_nothing(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(RavelError, match=r"cannot download RAVEL from http://127\.0\.0\.1:9/"):

@@ -1,6 +1,7 @@
 """Repository-level promises: CI runs README's test command, and the library works without torch."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -46,3 +47,33 @@ print('ok')
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# A path that climbs out of the checkout: "../x" in a string, or a step above the repository root.
+_OUTSIDE = re.compile("|".join([
+    r"\.\./",                                       # ../shared, ../../data
+    r"\bREPO\.parent\b", r"\bROOT\.parent\b",        # a folder beside the checkout
+    r"\.parents\[[2-9]\]",                          # tests/x.py -> parents[2] is above the repo
+    r"parent\.parent\.parent",
+]))
+
+
+def test_nothing_refers_to_a_folder_outside_the_repository():
+    offenders = []
+    for top in ("hyperdas_jax", "tools", "tests", "configs", ".ci"):
+        for path in sorted((REPO / top).rglob("*")):
+            if not path.is_file() or path.suffix in (".tgz", ".pyc") or path.name == "LICENSE":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if _OUTSIDE.search(line) and path.name != "test_repo.py":
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_packaged_ravel_archive_is_package_data():
+    text = (REPO / "pyproject.toml").read_text()
+    assert '"ravel/data.tgz"' in text and '"ravel/LICENSE"' in text
+    from hyperdas_jax.data.ravel_raw import BUNDLED_RAVEL, check_bundled
+
+    assert BUNDLED_RAVEL.is_relative_to(REPO / "hyperdas_jax") and (BUNDLED_RAVEL.parent / "LICENSE").is_file()
+    check_bundled()

@@ -26,8 +26,6 @@ import sys
 import time
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_RAVEL = REPO.parent / "shared" / "ravel" / "data.tgz"
 SPLITS = ("train", "validation", "test")
 
 
@@ -312,10 +310,9 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_ravel = str(DEFAULT_RAVEL) if DEFAULT_RAVEL.exists() else None
-    parser.add_argument("--ravel", default=default_ravel,
-                        help="RAVEL data.tgz, extracted folder or URL (default: ../shared/ravel/data.tgz if "
-                             "present, else the official URL)")
+    parser.add_argument("--ravel", default=None,
+                        help="RAVEL data.tgz, extracted folder or URL (default: the archive packaged with "
+                             "hyperdas_jax, sha256-checked)")
     parser.add_argument("--cache-dir", default=None,
                         help="where a downloaded archive is kept (default ~/.cache/hyperdas_jax/ravel)")
     parser.add_argument("--target", required=True, help="converted target directory, e.g. checkpoints/smollm2")
@@ -346,9 +343,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.ravel is None:
-        from hyperdas_jax.data.ravel_raw import RAVEL_URL
+        from hyperdas_jax.data.ravel_raw import BUNDLED_RAVEL
 
-        args.ravel = RAVEL_URL
+        args.ravel = str(BUNDLED_RAVEL)
     if min(args.n_train, args.n_test) < 0 or args.batch_size < 1:
         parser.error("--n-train and --n-test must be >= 0 and --batch-size >= 1")
     if args.screen_entities and (args.screen_entities < 2 or args.screen_templates < 1):

@@ -21,6 +21,8 @@ RAVEL_DOMAINS = ("city", "nobel_prize_winner", "occupation", "physical_object", 
 RAVEL_SHA256 = "b148f0ded1979cb0e17e301cfda41cb120517a109d3c758cc768e376946d96bc"
 # The archive sits at the root of the RAVEL repository; HEAD follows its default branch.
 RAVEL_URL = "https://github.com/explanare/ravel/raw/HEAD/data.tgz"
+# The package ships that archive (MIT licence, text beside it), so no step needs a network.
+BUNDLED_RAVEL = pathlib.Path(__file__).resolve().parent / "ravel" / "data.tgz"
 
 # RAVEL's three-way splits, as HyperDAS groups them: its "test" templates are RAVEL's val + test.
 SPLIT_GROUPS = {"train": ("train",), "test": ("val", "test")}
@@ -118,8 +120,22 @@ def _sha256_of(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def check_bundled(path: pathlib.Path = BUNDLED_RAVEL, sha256: str = RAVEL_SHA256) -> None:
+    """Refuses the packaged archive unless it is byte-identical to the official one.
+
+    Raises:
+        RavelError: the file is missing, truncated or altered (one line naming the file).
+    """
+    if not path.is_file():
+        raise RavelError(f"the packaged RAVEL archive {path} is missing; reinstall hyperdas_jax")
+    got = _sha256_of(path)
+    if got != sha256:
+        raise RavelError(f"the packaged RAVEL archive {path} is damaged ({path.stat().st_size} bytes, "
+                         f"sha256 {got}, expected {sha256}); reinstall hyperdas_jax")
+
+
 def resolve_ravel(
-    path_or_url: str | os.PathLike,
+    path_or_url: str | os.PathLike = BUNDLED_RAVEL,
     cache_dir: str | os.PathLike | None = None,
     *,
     sha256: str = RAVEL_SHA256,
@@ -131,7 +147,8 @@ def resolve_ravel(
     leaves a file that a later call would trust.
 
     Args:
-        path_or_url: a `data.tgz`, an extracted folder, or an http(s) URL of the archive.
+        path_or_url: a `data.tgz`, an extracted folder, or an http(s) URL of the archive; by default
+            the archive packaged with hyperdas_jax (its sha256 is checked each time it is opened).
         cache_dir: where downloads are kept; default `~/.cache/hyperdas_jax/ravel/`.
         sha256: expected hash of a downloaded archive (the official archive's by default).
 
@@ -145,6 +162,8 @@ def resolve_ravel(
         path = pathlib.Path(path_or_url).expanduser()
         if not path.exists():
             raise RavelError(f"RAVEL source not found: {path}")
+        if path.resolve() == BUNDLED_RAVEL:
+            check_bundled(path, sha256)
         return path
     url = str(path_or_url)
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else _DEFAULT_CACHE.expanduser()
@@ -221,12 +240,12 @@ def _is_str_map(obj: Any) -> bool:
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items())
 
 
-def load_domain(source: str | os.PathLike, domain: str) -> RavelDomain:
+def load_domain(source: str | os.PathLike | None, domain: str) -> RavelDomain:
     """Loads and validates one RAVEL domain.
 
     Args:
-        source: a `data.tgz`, an extracted folder (with or without the `data/` level), or a URL
-            (resolved through `resolve_ravel` with the default cache).
+        source: a `data.tgz`, an extracted folder (with or without the `data/` level), a URL
+            (resolved through `resolve_ravel` with the default cache), or None for the packaged archive.
         domain: one of RAVEL_DOMAINS.
 
     Returns:
@@ -238,7 +257,7 @@ def load_domain(source: str | os.PathLike, domain: str) -> RavelDomain:
     """
     if domain not in RAVEL_DOMAINS:
         raise RavelError(f"unknown RAVEL domain {domain!r}; known: {', '.join(RAVEL_DOMAINS)}")
-    path = resolve_ravel(source)
+    path = resolve_ravel(BUNDLED_RAVEL if source is None else source)
     files = _file_names(domain)
     raw = _read_raw_files(path, list(files.values()))
     data = {key: _parse(name, raw[name]) for key, name in files.items()}

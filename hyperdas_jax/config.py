@@ -340,6 +340,10 @@ class InterventionConfig:
     temperature_start: float = 50.0
     temperature_end: float = 0.1
     bidding_threshold: float = 0.1
+    # Beyond the paper: adds prior·cos(s_i, b_j) to every (source i, base j) selection logit, the cosine
+    # of the target's own hs[layer] states after subtracting each prompt's mean (BOS left out). Built
+    # from what the method already sees, never from entity positions; 0 = off (the original).
+    similarity_prior: float = 0.0
 
     def __post_init__(self):
         if self.subspace not in SUBSPACES:
@@ -372,6 +376,7 @@ class TrainConfig:
     lr: float = 4e-5
     weight_decay: float = 0.01
     rotate_lr: float = 1e-3  # R (any parameter under a `rotate_layer`), no weight decay
+    head_lr: float | None = None  # the selection head (`head`); None: `lr`, as in the original
     mask_lr: float = 1e-2  # MaskSelect / BoundlessDAS `mask_projection`
     clip_norm: float = 4.0
     causal_loss_weight: float = 3.5

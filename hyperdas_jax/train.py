@@ -73,12 +73,15 @@ def _raise_label_at_zero():
 
 
 def param_group(path) -> str:
-    """Optimizer group of a parameter path: R (`rotate_layer`), MaskSelect/boundary (`mask_projection`), the rest."""
+    """Optimizer group of a parameter path: R (`rotate_layer`), MaskSelect/boundary (`mask_projection`),
+    the selection head (top-level `head`), the rest."""
     key = jax.tree_util.keystr(path)
     if "rotate_layer" in key:
         return "rotate"
     if "mask_projection" in key:
         return "mask"
+    if key.startswith("['head']"):
+        return "head"
     return "default"
 
 
@@ -88,6 +91,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         "default": optax.adamw(cfg.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
         "rotate": optax.adamw(cfg.rotate_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
         "mask": optax.adamw(cfg.mask_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
+        "head": optax.adamw(cfg.lr if cfg.head_lr is None else cfg.head_lr, b1=0.9, b2=0.999, eps=1e-8,
+                            weight_decay=cfg.weight_decay),
     }
     labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)  # noqa: E731
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(groups, labels))
@@ -114,7 +119,7 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
     return ForwardSpec(layer=iv.layer, mode=mode, window=window, total_steps=cfg.train.steps,
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
                        bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,
-                       remat=cfg.target.remat)
+                       remat=cfg.target.remat, similarity_prior=iv.similarity_prior)
 
 
 def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):

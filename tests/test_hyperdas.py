@@ -203,3 +203,39 @@ def test_loss_halves_on_a_synthetic_interchange_task():
         losses.append(float(m["loss"]))
     assert np.mean(losses[-10:]) <= 0.5 * np.mean(losses[:2]), (losses[:2], losses[-10:])
     assert np.asarray(steps.evaluate(params, batches[1], "soft")["correct"]).mean() >= 0.75
+
+
+def test_head_lr_moves_only_the_selection_head():
+    """train.head_lr is the selection head's own Adam learning rate; every other group is unchanged."""
+    from hyperdas_jax.train import param_group
+
+    batch = make_batch(np.random.default_rng(7))
+    results = {}
+    for head_lr in (None, 1e-2):
+        cfg, target, model = tiny([f"train.head_lr={'null' if head_lr is None else head_lr}"])
+        steps = Steps(model, target, cfg)
+        before = jax.tree.map(np.asarray, steps.params)
+        params, _, _ = steps.train(steps.params, steps.init_opt_state(steps.params), batch, 0, jax.random.key(0))
+        results[head_lr] = (before, jax.tree.map(np.asarray, params))
+    groups = {jax.tree_util.keystr(p): param_group(p)
+              for p, _ in jax.tree_util.tree_leaves_with_path(results[None][0])}
+    assert {k for k, g in groups.items() if g == "head"} == {k for k in groups if k.startswith("['head']")} != set()
+    for (path, b0), a0, a1 in zip(jax.tree_util.tree_leaves_with_path(results[None][0]),
+                                  jax.tree.leaves(results[None][1]), jax.tree.leaves(results[1e-2][1])):
+        step0, step1 = np.abs(a0 - b0).max(), np.abs(a1 - b0).max()
+        if param_group(path) == "head":
+            assert step1 > 5 * step0 > 0, jax.tree_util.keystr(path)  # Adam's first step is ~lr per weight (tiny: lr 1e-3)
+        else:
+            np.testing.assert_array_equal(a1, a0)
+
+
+def test_similarity_prior_switch_changes_the_selection_only_when_on(setup):
+    cfg, target, steps = setup
+    batch = make_batch(np.random.default_rng(8))
+    off = np.asarray(steps.evaluate(steps.params, batch, "soft")["selection"])
+    on_cfg = tiny(["intervention.similarity_prior=4.0"])[0]
+    on = Steps(steps.model(steps.params), target, on_cfg)
+    sel = np.asarray(on.evaluate(on.params, batch, "soft")["selection"])
+    np.testing.assert_allclose(sel.sum(axis=1), 1.0, atol=1e-6)
+    assert np.abs(sel - off).max() > 0.05
+    np.testing.assert_array_equal(sel[:, -1][batch["base_intervention_mask"] == 0], 1.0)  # masks still exact

@@ -280,3 +280,61 @@ def test_sparsity_weight_schedule():
     assert [float(traced(jnp.asarray(s))) for s in (4, 5)] == [0.0, pytest.approx(0.825, abs=1e-6)]
     with pytest.raises(ValueError):
         sparsity_weight(0, 10, start=0.1, end=1.0, schedule="cosine")
+
+
+# --------------------------------------------------------------------------------------------
+# Similarity prior on the selection logits
+
+
+def reference_similarity(base, bmask, breal, src, smask, sreal):
+    """Naive float64 centred cosine: mean over visible non-BOS tokens subtracted, masked tokens 0."""
+    def centred(x, mask, real):
+        out = np.zeros_like(x)
+        for e in range(x.shape[0]):
+            bos = np.flatnonzero(real[e])[0]
+            keep = [t for t in range(x.shape[1]) if mask[e, t] and t != bos]
+            mean = x[e, keep].mean(0) if keep else 0.0
+            for t in range(x.shape[1]):
+                if mask[e, t]:
+                    v = x[e, t] - mean
+                    out[e, t] = v / max(np.linalg.norm(v), 1e-6)
+        return out
+
+    s, b = centred(src, smask, sreal), centred(base, bmask, breal)
+    return np.einsum("eid,ejd->eij", s, b)
+
+
+def test_similarity_prior_matches_reference():
+    from hyperdas_jax.models.selection import similarity_prior
+
+    rng = np.random.default_rng(5)
+    _, _, _, bmask, _, smask = _inputs()
+    base, src = rng.normal(size=(3, 5, D)) * 30, rng.normal(size=(3, 4, D)) * 30
+    base[:, 0] += 500.0  # a BOS-like outlier where it is real: left out of the mean
+    breal = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    sreal = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    want = reference_similarity(base, bmask, breal, src, smask, sreal)
+    got = np.asarray(jax.jit(similarity_prior)(*(jnp.asarray(x, jnp.float32) if x.dtype.kind == "f" else jnp.asarray(x)
+                                                 for x in (base, bmask, breal, src, smask, sreal))))
+    assert got.shape == (3, 4, 5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(want).max() > 0.2 and (want == 0).any()  # informative and masked entries exist
+
+
+def test_prior_adds_to_pair_logits_only(head_and_weights):
+    head, _ = head_and_weights
+    z, epos, base, bmask, src, smask = _inputs()
+    prior = np.random.default_rng(6).normal(0, 2.0, (3, 4, 5))
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    args = (f(z), jnp.asarray(epos), f(base), jnp.asarray(bmask), f(src), jnp.asarray(smask))
+    plain = np.asarray(nnx.jit(lambda h, *a: h(*a))(head, *args), np.float64)
+    got = np.asarray(nnx.jit(lambda h, p, *a: h(*a, prior=p))(head, f(prior), *args))
+    # softmax over rows of (log A + prior on the pair rows): the SELF row's logit is untouched.
+    pair_mask = smask[:, :, None] * bmask[:, None, :] > 0
+    logits = np.log(np.maximum(plain, 1e-300))
+    logits[:, :-1] += np.where(pair_mask, prior, 0.0)
+    logits = np.where(np.concatenate([pair_mask, np.ones((3, 1, 5), bool)], 1), logits, -np.inf)
+    want = np.exp(logits - logits.max(1, keepdims=True))
+    want /= want.sum(1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - plain).max() > 0.05

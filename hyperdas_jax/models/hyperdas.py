@@ -20,7 +20,7 @@ from hyperdas_jax.models.hypernet import HyperNetwork, copy_from_target, editor_
 from hyperdas_jax.models.intervention import make_subspace, mix_sources, temperature
 from hyperdas_jax.models.layers import remat_module
 from hyperdas_jax.models.llama import Llama
-from hyperdas_jax.models.selection import select
+from hyperdas_jax.models.selection import select, similarity_prior
 
 
 class HyperDAS(nnx.Module):
@@ -79,6 +79,7 @@ class ForwardSpec:
     bidding_threshold: float = 0.1
     break_asymmetric: bool = False
     remat: bool = False
+    similarity_prior: float = 0.0  # scale of `selection.similarity_prior` added to the pair logits; 0 = off
 
 
 def clean_hidden_states(target: Llama, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -120,8 +121,12 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     if spec.break_asymmetric:
         key = jax.random.fold_in(rng if rng is not None else jax.random.key(0), step)
         swap = jax.random.bernoulli(key)  # one coin for the whole batch, as in the original
+    prior = None
+    if spec.similarity_prior:
+        prior = spec.similarity_prior * similarity_prior(hs_base[L], base_iv, batch["base_mask"],
+                                                         hs_src[L], src_iv, batch["source_mask"])  # (b, i, j)
     soft = model.head(z_last, pos_last, unit_normalise(hs_base[L]), base_iv, unit_normalise(hs_src[L]), src_iv,
-                      swap=swap, base_attention_mask=batch["base_mask"])
+                      swap=swap, base_attention_mask=batch["base_mask"], prior=prior)
     a = select(soft, spec.mode, base_entity_pos=batch.get("base_entity_pos"),
                source_entity_pos=batch.get("source_entity_pos"), threshold=spec.bidding_threshold)
 

@@ -387,6 +387,16 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    # Frozen-target clean states computed once per prompt and reused (hyperdas_jax/clean_states.py):
+    # "auto" caches when one process runs and the estimate fits in state_cache_gb of host RAM.
+    state_cache: str = "auto"
+    state_cache_gb: float = 8.0
+
+    def __post_init__(self):
+        if self.state_cache not in ("auto", "always", "never"):
+            raise ConfigError(f"train.state_cache must be 'auto', 'always' or 'never', got {self.state_cache!r}")
+        if self.state_cache_gb < 0:
+            raise ConfigError("train.state_cache_gb must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import tqdm
 
+from hyperdas_jax import bootstrap, localisation
 from hyperdas_jax.data import collate
 from hyperdas_jax.data.ravel_schema import as_row_list, instruction_attribute, is_causal
 
@@ -151,8 +152,10 @@ def evaluate(
 
     Returns:
         {"method", "n_answer_tokens", "num_rows", "num_scored", "dropped" (reason -> rows),
-        "modes": mode -> scores as in `score_rows` (the "no intervention" entry first),
-        "heatmaps": list of written PNG paths}.
+        "modes": mode -> scores as in `score_rows` (the "no intervention" entry first) plus
+        "disentangle_ci" (95 % stratified bootstrap intervals, `bootstrap.intervals`) and, for
+        methods that return a selection, "localisation" (`localisation.summarise` over causal rows),
+        "verdicts": mode -> per-row 1 / 0 / -1 (not scored), "heatmaps": list of written PNG paths}.
     """
     k = _method_answer_tokens(method)
     if k is not _UNSET and k != n_answer_tokens:
@@ -161,6 +164,8 @@ def evaluate(
     encoded = collate.encode_rows(rows, tokenizer, collate_options)
     all_modes = ([NO_INTERVENTION] if baseline else []) + list(modes)
     correct = {m: np.full(len(rows), -1, np.int8) for m in all_modes}
+    causal_rows = np.array([is_causal(r) for r in rows], bool)
+    located: dict[str, dict[str, np.ndarray]] = {}  # mode -> metric -> (len(rows),), NaN unless measured
     wanted = {e.row_index for e in encoded.examples[: max(n_heatmaps, 0)]} if heatmap_dir is not None else set()
     selections: list[tuple[str, int, np.ndarray, dict[str, np.ndarray]]] = []
 
@@ -180,11 +185,16 @@ def evaluate(
             if (correct[mode][index] >= 0).any():
                 raise ValueError(f"{mode}: a row was scored twice")
             correct[mode][index] = verdict[valid]
-            if mode == NO_INTERVENTION or not wanted or out.get("selection") is None:
-                continue  # methods without a selection matrix (MDAS) get no heatmaps
+            if mode == NO_INTERVENTION or out.get("selection") is None:
+                continue  # methods without a selection matrix (MDAS) get no heatmaps or localisation
             selection = np.asarray(out["selection"], np.float32)
             if selection.shape != (b, ts + 1, tb):
                 raise ValueError(f"{mode}: 'selection' has shape {selection.shape}, expected {(b, ts + 1, tb)}")
+            measured = localisation.batch_localisation(selection, batch)
+            causal = valid & causal_rows[np.maximum(np.asarray(batch["row_index"]), 0)]
+            table = located.setdefault(mode, {m: np.full(len(rows), np.nan) for m in localisation.METRICS})
+            for metric, values in measured.items():
+                table[metric][np.asarray(batch["row_index"])[causal]] = values[causal]
             for i in np.flatnonzero(valid):
                 if int(batch["row_index"][i]) in wanted:
                     fields = {key: np.asarray(batch[key][i]) for key in ("base_ids", "base_mask", "labels",
@@ -197,13 +207,19 @@ def evaluate(
     for mode, verdict in correct.items():
         if not np.array_equal(verdict >= 0, expected):
             raise ValueError(f"{mode}: scored {(verdict >= 0).sum()} rows, expected {expected.sum()}")
+    scores = score_rows(rows, correct)
+    for mode, ci in bootstrap.intervals(rows, correct).items():
+        scores[mode]["disentangle_ci"] = ci
+    for mode, table in located.items():
+        scores[mode]["localisation"] = localisation.summarise(rows, table)
     results = {
         "method": getattr(method, "name", type(method).__name__),
         "n_answer_tokens": n_answer_tokens,
         "num_rows": len(rows),
         "num_scored": int(scored.sum()),
         "dropped": dict(encoded.dropped),
-        "modes": score_rows(rows, correct),
+        "modes": scores,
+        "verdicts": {mode: verdict.tolist() for mode, verdict in correct.items()},
         "heatmaps": [],
     }
     if heatmap_dir is not None:
@@ -300,6 +316,18 @@ def format_pct(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
+def format_ci(interval: Sequence[float] | None) -> str:
+    """A bootstrap interval as percentages, '[lo, hi]'; '-' where there is none."""
+    return "-" if interval is None else f"[{format_pct(interval[0])}, {format_pct(interval[1])}]"
+
+
+def _ci(results: Mapping[str, Any], mode: str, level: str, key: str | None = None) -> str:
+    ci = results["modes"][mode].get("disentangle_ci")
+    if ci is None:
+        return "-"
+    return format_ci(ci[level] if key is None else ci[level].get(key))
+
+
 def _ordered_modes(results: Mapping[str, Any]) -> list[str]:
     modes = list(results["modes"])
     return ([NO_INTERVENTION] if NO_INTERVENTION in modes else []) + [m for m in modes if m != NO_INTERVENTION]
@@ -322,34 +350,58 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         "",
         "## Overall",
         "",
-        "| mode | cause | isolate | disentangle | pooled cause | pooled isolate |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| mode | cause | isolate | disentangle | 95% CI | pooled cause | pooled isolate |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in modes:
         o, p = results["modes"][mode]["overall"], results["modes"][mode]["pooled"]
         lines.append(f"| {mode} | {format_pct(o['cause'])} | {format_pct(o['isolate'])} "
-                     f"| {format_pct(o['disentangle'])} | {format_pct(p['cause'])} | {format_pct(p['isolate'])} |")
+                     f"| {format_pct(o['disentangle'])} | {_ci(results, mode, 'overall')} "
+                     f"| {format_pct(p['cause'])} | {format_pct(p['isolate'])} |")
     domains = sorted({d for m in modes for d in results["modes"][m]["domains"]})
-    lines += ["", "## Per domain", "", "| domain | mode | cause | isolate | disentangle |", "|---|---|---:|---:|---:|"]
+    lines += ["", "## Per domain", "", "| domain | mode | cause | isolate | disentangle | 95% CI |",
+              "|---|---|---:|---:|---:|---:|"]
     for domain in domains:
         for mode in modes:
             d = results["modes"][mode]["domains"].get(domain)
             if d is not None:
                 lines.append(f"| {domain} | {mode} | {format_pct(d['cause'])} | {format_pct(d['isolate'])} "
-                             f"| {format_pct(d['disentangle'])} |")
+                             f"| {format_pct(d['disentangle'])} | {_ci(results, mode, 'domains', domain)} |")
     attributes = sorted({a for m in modes for a in results["modes"][m]["attributes"]})
     lines += ["", "## Per attribute (the attribute the instruction names)", "",
-              "| attribute | mode | cause | isolate | disentangle | causal rows | isolate rows |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "| attribute | mode | cause | isolate | disentangle | causal rows | isolate rows | 95% CI |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for attribute in attributes:
         for mode in modes:
             a = results["modes"][mode]["attributes"].get(attribute)
             if a is not None:
                 lines.append(f"| {attribute} | {mode} | {format_pct(a['cause'])} | {format_pct(a['isolate'])} "
-                             f"| {format_pct(a['disentangle'])} | {a['n_causal']} | {a['n_isolate']} |")
+                             f"| {format_pct(a['disentangle'])} | {a['n_causal']} | {a['n_isolate']} "
+                             f"| {_ci(results, mode, 'attributes', attribute)} |")
+    lines += localisation_markdown(results)
     if results.get("heatmaps"):
         lines += ["", "## Selection heatmaps", ""] + [f"- {p}" for p in results["heatmaps"]]
     return "\n".join(lines) + "\n"
+
+
+def localisation_markdown(results: Mapping[str, Any]) -> list[str]:
+    """The localisation table (per mode, overall and per attribute), or nothing for methods without A."""
+    modes = [m for m in _ordered_modes(results) if "localisation" in results["modes"][m]]
+    if not modes:
+        return []
+    header = " | ".join(localisation.METRICS)
+    lines = ["", "## Localisation (causal rows; entity positions used only to read A)", "",
+             "Shares of A's non-SELF mass: on the (source entity, base entity) cell, on the source entity's "
+             "row, in the base entity's column; SELF weight on the base entity and on the other base tokens; "
+             "share of rows with any non-SELF weight. Percentages.", "",
+             f"| scope | mode | {header} |", "|---|---|" + "---:|" * len(localisation.METRICS)]
+    for mode in modes:
+        loc = results["modes"][mode]["localisation"]
+        scopes = [("overall", loc["overall"])] + sorted(loc["attributes"].items())
+        for scope, values in scopes:
+            cells = " | ".join(format_pct(values[m]) for m in localisation.METRICS)
+            lines.append(f"| {scope} | {mode} | {cells} |")
+    return lines
 
 
 def save_results(results: Mapping[str, Any], out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:

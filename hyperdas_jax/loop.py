@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from hyperdas_jax.checkpoint import CheckpointError, RunCheckpoints, abstract_like, target_tokenizer
+from hyperdas_jax.clean_states import make_cache
 from hyperdas_jax.config import ExperimentConfig, to_dict
 from hyperdas_jax.models.hyperdas import HyperDAS, build_hyperdas
 from hyperdas_jax.models.llama import Llama
@@ -39,7 +40,7 @@ from hyperdas_jax.train import Steps, label_window
 IGNORE = -100
 # Config fields that may change when a run is resumed; anything else must match the checkpoint.
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "eval.", "data.validation", "data.test", "mesh.", "name")
+                     "train.state_cache", "eval.", "data.validation", "data.test", "mesh.", "name")
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +199,21 @@ def training_source(cfg: ExperimentConfig, tokenizer, vocab_size: int):
     return SyntheticBatches(cfg.train.batch_size, vocab_size, cfg.train.seed)
 
 
+def cached_examples(cfg: ExperimentConfig, source, tokenizer, eval_batches=None):
+    """The encoded examples a run's clean-state cache serves (training rows, then validation rows),
+    or None when they are not known up front (injected or synthetic batches)."""
+    if not isinstance(source, ShuffledRows):
+        return None
+    examples = list(source.encoded.examples)
+    if eval_batches is None and cfg.data.validation is not None:
+        from hyperdas_jax.data.collate import encode_rows
+        from hyperdas_jax.data.ravel_store import load_rows
+
+        options = collate_options(cfg, cfg.eval.batch_size)
+        examples += encode_rows(load_rows(cfg.data.validation), tokenizer, options).examples
+    return examples
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -220,7 +236,8 @@ class ShardedMethod:
         self.n_answer_tokens = steps.n_answer_tokens
 
     def eval_batch(self, batch, mode):
-        out = self.steps.evaluate(self.params, shard_batch(batch, self.mesh), mode, window=label_window(batch["labels"]))
+        out = self.steps.evaluate(self.params, shard_batch(self.steps.prepare(batch), self.mesh), mode,
+                                  window=label_window(batch["labels"]))
         return {"correct": _host(out["correct"]), "selection": _host(out["selection"])}
 
     def baseline_batch(self, batch):
@@ -244,7 +261,8 @@ def batch_accuracy(method, batches: Iterable[Mapping[str, np.ndarray]], modes: S
 
 
 def ravel_accuracy(method, rows, tokenizer, cfg: ExperimentConfig) -> dict[str, float]:
-    """RAVEL scores through hyperdas_jax.evaluate; "accuracy" is the first mode's overall disentangle."""
+    """RAVEL scores and localisation through hyperdas_jax.evaluate; "accuracy" is the first mode's overall
+    disentangle. Keys: "<mode>/<cause|isolate|disentangle>" and "<mode>/<localisation metric>"."""
     from hyperdas_jax.evaluate import evaluate
 
     results = evaluate(method, rows, tokenizer, modes=cfg.eval.modes, baseline=False, progress=False,
@@ -252,7 +270,9 @@ def ravel_accuracy(method, rows, tokenizer, cfg: ExperimentConfig) -> dict[str, 
                        n_answer_tokens=cfg.eval.n_answer_tokens)
     out = {}
     for mode in cfg.eval.modes:
-        for key, value in results["modes"][mode]["overall"].items():
+        scores = results["modes"][mode]
+        overall = {**scores["overall"], **scores.get("localisation", {}).get("overall", {})}
+        for key, value in overall.items():
             out[f"{mode}/{key}"] = float("nan") if value is None else value
     out["accuracy"] = out[f"{cfg.eval.modes[0]}/disentangle"]
     return out
@@ -409,6 +429,7 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
         base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
 
     source = as_source(batches) if batches is not None else training_source(cfg, tokenizer, target.config.vocab_size)
+    steps.cache = make_cache(steps, cached_examples(cfg, source, tokenizer, eval_batches), progress=progress and lead)
     if eval_fn is None:
         evaluator = default_eval_fn(cfg, tokenizer, target.config.vocab_size, eval_batches)
         eval_fn = None if evaluator is None else (lambda method: evaluator(method))
@@ -441,8 +462,8 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
             while step < t.steps and not stop.should_stop(step):
                 host_batch = source.batch(position)
                 window = label_window(host_batch["labels"])
-                params, opt_state, out = steps.train(params, opt_state, shard_batch(host_batch, mesh), step,
-                                                     step_key(base_key, step), window=window)
+                params, opt_state, out = steps.train(params, opt_state, shard_batch(steps.prepare(host_batch), mesh),
+                                                     step, step_key(base_key, step), window=window)
                 step, position = step + 1, position + 1
                 seen += int(np.asarray(host_batch["valid"]).sum())
                 bar.update(1)

@@ -212,6 +212,11 @@ class Steps:
         self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
         self.mesh = jax.tree.leaves(self.param_shardings)[0].mesh
         self.opt_shardings = opt_state_shardings(self.tx, self.params)
+        self.cache = None  # a clean_states.CleanStateCache, set by whoever knows the rows (see make_cache)
+
+    def prepare(self, batch: dict) -> dict:
+        """A host batch with the cached clean states attached when a cache is set (else unchanged)."""
+        return batch if self.cache is None else self.cache.attach(batch)
 
     def init_opt_state(self, params):
         """Optimizer state laid out as `opt_shardings` (moments like their parameters, scalars replicated)."""
@@ -271,7 +276,7 @@ class HyperDASMethod:
 
     def eval_batch(self, batch: dict, mode: str) -> dict:
         """{"correct": (b,) bool, "selection": (b, t_s+1, t_b) float32} as numpy."""
-        out = self.steps.evaluate(self.params, batch, mode)
+        out = self.steps.evaluate(self.params, self.steps.prepare(batch), mode)
         return {"correct": np.asarray(out["correct"]), "selection": np.asarray(out["selection"])}
 
     def baseline_batch(self, batch: dict) -> dict:

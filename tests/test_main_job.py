@@ -20,15 +20,20 @@ def test_quick_main_job_report_matches_the_evaluator(tmp_path, smollm2_target_di
     mdas = json.loads((run / "mdas" / "eval" / "results.json").read_text())
     table = {}
     for line in report.splitlines():
-        m = re.fullmatch(r"\| (.+?) \| ([0-9.-]+) \| ([0-9.-]+) \| ([0-9.-]+) \|", line)
+        m = re.fullmatch(r"\| (.+?) \| ([0-9.-]+) \| ([0-9.-]+) \| ([0-9.-]+) \| \[([0-9.]+), ([0-9.]+)\] \|", line)
         if m:
             table[m.group(1)] = [None if x == "-" else float(x) for x in m.groups()[1:]]
     expected = main_job.report_rows(hyper, mdas)
-    assert [label for label, _ in expected] == list(table)
-    for label, overall in expected:
+    assert [label for label, _, _ in expected] == list(table)
+    for label, overall, ci in expected:
         want = [None if overall[k] is None else round(100 * overall[k], 2) for k in ("cause", "isolate", "disentangle")]
-        assert table[label] == want, label
-    assert (run / "loss_curves.png").stat().st_size > 0
+        assert table[label] == want + [round(100 * ci[0], 2), round(100 * ci[1], 2)], label
+        assert ci[0] <= overall["disentangle"] <= ci[1]
+    assert "- HyperDAS soft − MDAS: " in report and "## Localisation" in report
+    evals = [json.loads(line) for line in (run / "hyperdas" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert len(evals) >= 2 and all("soft/entity_share" in e and "bidding_argmax/disentangle" in e for e in evals)
+    assert (run / "learning_curves.png").stat().st_size > 0
     assert list((run / "hyperdas" / "eval" / "heatmaps").glob("*.png"))
     # Under the default (strict) filter doing nothing never causes and always isolates.
     none = hyper["modes"]["no intervention"]["overall"]

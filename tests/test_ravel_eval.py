@@ -501,3 +501,93 @@ def test_prepare_ravel_end_to_end_on_smollm2(smollm2_target_dir, ravel_tgz, tmp_
     assert "| train | 8 |" in printed and "causal/Country" in (out / "report.md").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["smol_city"]  # no temporary folders left
     shutil.rmtree(out)
+
+
+# ----------------------------------------------------------------------------- intervals and localisation
+
+
+def test_bootstrap_point_estimate_is_the_evaluator_aggregation():
+    from hyperdas_jax import bootstrap
+
+    rows, _ = _prediction_set()
+    rng = np.random.default_rng(4)
+    correct = {m: rng.integers(0, 2, len(rows)).astype(np.int8) for m in ("a", "b")}
+    correct["a"][7] = correct["b"][7] = -1  # not scored
+    scores = ev.score_rows(rows, correct)
+    point = bootstrap.replicates(rows, correct, n_boot=0)
+    for mode in correct:
+        assert point[mode]["overall"][0] == pytest.approx(scores[mode]["overall"]["disentangle"], abs=1e-12)
+        for key, attr in scores[mode]["attributes"].items():
+            assert point[mode]["attributes"][key][0] == pytest.approx(attr["disentangle"], abs=1e-12)
+        for key, dom in scores[mode]["domains"].items():
+            assert point[mode]["domains"][key][0] == pytest.approx(dom["disentangle"], abs=1e-12)
+    # Seeded, and an interval holds its point estimate.
+    ci = bootstrap.intervals(rows, correct, seed=1)
+    assert ci == bootstrap.intervals(rows, correct, seed=1)
+    lo, hi = ci["a"]["overall"]
+    assert lo <= scores["a"]["overall"]["disentangle"] <= hi and hi - lo > 0.05
+
+
+def test_bootstrap_interval_widths():
+    from hyperdas_jax import bootstrap
+
+    n = 400
+    rows = [_row(i, "city", "Country", "Country", "causal" if i < n // 2 else "isolate") for i in range(n)]
+    all_right = {"m": np.ones(n, np.int8)}
+    assert bootstrap.intervals(rows, all_right)["m"]["overall"] == [1.0, 1.0]
+    # Causal rows half right, isolate rows all right: disentangle 0.75 with sd sqrt(.25/200)/2 = 0.0177.
+    verdict = np.ones(n, np.int8)
+    verdict[: n // 2: 2] = 0
+    lo, hi = bootstrap.intervals(rows, {"m": verdict}, n_boot=4000)["m"]["overall"]
+    assert lo == pytest.approx(0.75 - 1.96 * 0.0177, abs=0.006) and hi == pytest.approx(0.75 + 1.96 * 0.0177, abs=0.006)
+    # Paired difference: identical verdicts differ by exactly 0; a better method's interval excludes 0.
+    same = bootstrap.difference(rows, verdict, verdict)
+    assert same == {"difference": 0.0, "interval": [0.0, 0.0]}
+    better = bootstrap.difference(rows, all_right["m"], verdict)
+    assert better["difference"] == pytest.approx(0.25) and better["interval"][0] > 0.15
+
+
+def test_localisation_of_hand_built_selections():
+    from hyperdas_jax.localisation import batch_localisation
+
+    b, ts, tb = 3, 4, 5
+    a = np.zeros((b, ts + 1, tb))
+    a[:, -1] = 1.0
+    # Example 0: the entity pair (src 2 -> base 3) carries 0.6 of column 3; 0.2 more on (1, 1).
+    a[0, 2, 3], a[0, -1, 3] = 0.6, 0.4
+    a[0, 1, 1], a[0, -1, 1] = 0.2, 0.8
+    # Example 1: nothing patched (a hard mode choosing SELF everywhere).
+    # Example 2: all non-SELF mass off the entity; a masked cell (src 0) must not count.
+    a[2, 3, 2], a[2, -1, 2] = 0.5, 0.5
+    a[2, 0, 4], a[2, -1, 4] = 0.9, 0.1
+    batch = {"base_intervention_mask": np.array([[1, 1, 1, 1, 0]] * 3),
+             "source_intervention_mask": np.array([[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]),
+             "base_entity_pos": np.array([3, 3, 2]), "source_entity_pos": np.array([2, 2, 1])}
+    got = batch_localisation(a, batch)
+    np.testing.assert_allclose(got["entity_share"], [0.75, np.nan, 0.0])
+    np.testing.assert_allclose(got["source_share"], [0.75, np.nan, 0.0])
+    np.testing.assert_allclose(got["base_share"], [0.75, np.nan, 1.0])
+    np.testing.assert_allclose(got["self_entity"], [0.4, 1.0, 0.5])
+    np.testing.assert_allclose(got["self_other"], [(1 + 0.8 + 1) / 3, 1.0, 1.0])
+    np.testing.assert_array_equal(got["intervened"], [1.0, 0.0, 1.0])
+
+
+def test_evaluator_reports_localisation_intervals_and_verdicts(tmp_path):
+    rows, soft = _prediction_set()
+    method = FakeMethod(rows, soft)
+    options = collate.CollateOptions(batch_size=4, length_buckets=(8, 16))
+    results = ev.evaluate(method, rows, _word_tokenizer(), modes=("soft",), collate_options=options,
+                          n_answer_tokens=3, progress=False)
+    assert results["verdicts"]["soft"][7] == -1 and results["verdicts"]["soft"].count(-1) == 1
+    assert [v == 1 for i, v in enumerate(results["verdicts"]["soft"]) if i != 7] == list(np.delete(soft, 7))
+    lo, hi = results["modes"]["soft"]["disentangle_ci"]["overall"]
+    assert lo <= results["modes"]["soft"]["overall"]["disentangle"] <= hi
+    assert "localisation" not in results["modes"]["no intervention"]
+    loc = results["modes"]["soft"]["localisation"]
+    causal_keys = {f"{r['domain']}/{instruction_attribute(r)}" for i, r in enumerate(rows) if is_causal(r) and i != 7}
+    assert set(loc["attributes"]) == causal_keys
+    # FakeMethod puts 0.75 on (last source token, third-last base token): never the entity cell here.
+    assert loc["overall"]["self_entity"] == 1.0
+    table = ev.results_markdown(results)
+    assert "## Localisation" in table and "| overall | soft |" in table
+    assert f"| soft | 56.25 | 43.75 | 50.00 | {ev.format_ci([lo, hi])} |" in table

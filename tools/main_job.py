@@ -19,6 +19,8 @@ import pathlib
 import sys
 import time
 
+import numpy as np
+
 # SmolLM2-135M knows the country, continent and language of some RAVEL cities but rarely the
 # coordinates or the IANA timezone, so the job uses the first three (isolate rows ask them too).
 # It answers two country prompts right for only 44 of 600 sampled cities (7%), and a causal row needs
@@ -26,14 +28,18 @@ import time
 # the known ones (see hyperdas_jax/data/ravel_screen.py); the
 # strict filter then checks every row. Filtering is the data step's cost (SmolLM2 passes).
 ATTRIBUTES = ["Country", "Continent", "Language"]
+# Learning curves: HyperDAS is scored on the validation split every `train.eval_every` steps in the
+# two modes the report compares (soft, bidding_argmax), with the localisation of A.
+CURVES = ["eval.modes=[soft,bidding_argmax]"]
 PRESETS = {
     # attributes, screened entities, rows generated per attribute (before filtering), HyperDAS / MDAS
     # training overrides, test rows scored (None = all)
     "full": dict(attributes=ATTRIBUTES, screen=600, n_train=700, n_test=200,
-                 hyperdas=["train.steps=250", "train.batch_size=16"],
+                 hyperdas=["train.steps=250", "train.batch_size=16", *CURVES, "train.eval_every=50"],
                  mdas=["train.steps=250", "train.batch_size=16"], eval_limit=None),
     "quick": dict(attributes=["Country", "Continent"], screen=120, n_train=100, n_test=60,
-                  hyperdas=["train.steps=12", "train.batch_size=8", "hypernet.num_layers=1"],
+                  hyperdas=["train.steps=12", "train.batch_size=8", "hypernet.num_layers=1", *CURVES,
+                            "train.eval_every=6"],
                   mdas=["train.steps=12", "train.batch_size=8"], eval_limit=48),
 }
 MODES = ("soft", "column_argmax", "bidding_argmax")
@@ -113,33 +119,75 @@ def evaluate_method(method, rows, tokenizer, cfg, out: pathlib.Path, modes, heat
     return results
 
 
-def loss_curves(curves: dict[str, pathlib.Path], out: pathlib.Path) -> pathlib.Path:
-    """Training loss against step, one line per method, from the runs' JSONL metrics."""
+def _records(path: pathlib.Path, event: str | None = None) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "step" in r and (event is None or r.get("event") == event)]
+
+
+def learning_curves(curves: dict[str, pathlib.Path], hyperdas_metrics: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """Three panels against step: training loss per method; HyperDAS validation disentangle (soft and
+    bidding_argmax); the share of A's non-SELF mass on the entity pair (soft), from the runs' JSONL metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (loss_ax, score_ax, loc_ax) = plt.subplots(1, 3, figsize=(15, 3.6))
     for name, path in curves.items():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if "loss" in r and "step" in r]
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (weighted)")
-    ax.legend()
+        records = [r for r in _records(path) if "loss" in r]
+        loss_ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=name)
+    loss_ax.set_ylabel("training loss (weighted)")
+    evals = _records(hyperdas_metrics, "eval")
+    steps = [r["step"] for r in evals]
+    for mode in MODES:
+        if evals and f"{mode}/disentangle" in evals[0]:
+            score_ax.plot(steps, [100 * r[f"{mode}/disentangle"] for r in evals], marker="o", label=mode)
+        if evals and f"{mode}/entity_share" in evals[0]:
+            loc_ax.plot(steps, [100 * r[f"{mode}/entity_share"] for r in evals], marker="o", label=f"{mode} entity pair")
+        if mode == "soft" and evals and "soft/self_entity" in evals[0]:
+            loc_ax.plot(steps, [100 * r["soft/self_entity"] for r in evals], ls="--", label="soft SELF at base entity")
+            loc_ax.plot(steps, [100 * r["soft/self_other"] for r in evals], ls=":", label="soft SELF elsewhere")
+    score_ax.axhline(50, color="grey", lw=0.8, ls="--", label="no intervention")
+    score_ax.set_ylabel("HyperDAS validation disentangle (%)")
+    loc_ax.set_ylabel("validation causal rows (%)")
+    for ax in (loss_ax, score_ax, loc_ax):
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
-def report_rows(hyperdas: dict, mdas: dict) -> list[tuple[str, dict]]:
-    """(label, overall scores) rows of the report's main table, all read from results.json."""
-    rows = [("no intervention", hyperdas["modes"]["no intervention"]["overall"])]
-    rows += [(f"HyperDAS {m}", hyperdas["modes"][m]["overall"]) for m in MODES if m in hyperdas["modes"]]
-    rows.append(("MDAS", mdas["modes"]["soft"]["overall"]))
+def report_rows(hyperdas: dict, mdas: dict) -> list[tuple[str, dict, list | None]]:
+    """(label, overall scores, disentangle interval) rows of the report's main table, from results.json."""
+    pick = lambda results, mode: (results["modes"][mode]["overall"],  # noqa: E731
+                                  results["modes"][mode].get("disentangle_ci", {}).get("overall"))
+    rows = [("no intervention", *pick(hyperdas, "no intervention"))]
+    rows += [(f"HyperDAS {m}", *pick(hyperdas, m)) for m in MODES if m in hyperdas["modes"]]
+    rows.append(("MDAS", *pick(mdas, "soft")))
     return rows
+
+
+def comparisons(hyperdas: dict, mdas: dict, rows: list) -> list[str]:
+    """Paired bootstrap differences of overall disentangle on the same test rows, as report lines."""
+    from hyperdas_jax.bootstrap import difference
+
+    verdicts = {f"HyperDAS {m}": hyperdas["verdicts"][m] for m in MODES if m in hyperdas.get("verdicts", {})}
+    verdicts["no intervention"] = hyperdas.get("verdicts", {}).get("no intervention")
+    verdicts["MDAS"] = mdas.get("verdicts", {}).get("soft")
+    pairs = [("HyperDAS soft", "MDAS"), ("HyperDAS soft", "no intervention"), ("HyperDAS bidding_argmax", "HyperDAS soft"),
+             ("HyperDAS bidding_argmax", "no intervention")]
+    lines = []
+    for a, b in pairs:
+        if verdicts.get(a) is None or verdicts.get(b) is None:
+            continue
+        d = difference(rows, np.asarray(verdicts[a]), np.asarray(verdicts[b]))
+        lo, hi = d["interval"]
+        verdict = "better" if lo > 0 else "worse" if hi < 0 else "no measured difference"
+        lines.append(f"- {a} − {b}: {100 * d['difference']:+.2f} points, 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                     f"({verdict})")
+    return lines
 
 
 def settings_lines(cfg, mdas_cfg) -> list[str]:
@@ -172,17 +220,23 @@ def data_lines(data: pathlib.Path, report: dict) -> list[str]:
 
 
 def write_report(run: pathlib.Path, hyperdas: dict, mdas: dict, data: pathlib.Path, data_report: dict,
-                 settings: list[str], timings: dict, heatmaps: list[pathlib.Path]) -> pathlib.Path:
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+                 settings: list[str], timings: dict, heatmaps: list[pathlib.Path], test_rows: list) -> pathlib.Path:
+    from hyperdas_jax.evaluate import format_ci, format_pct, localisation_markdown
+
     lines = ["# HyperDAS vs MDAS on RAVEL city, SmolLM2-135M-Instruct", "",
              f"Held-out templates (test split), exact match on the first {hyperdas['n_answer_tokens']} answer "
              f"tokens; {hyperdas['num_scored']} test rows. Overall = mean over attributes; "
-             "disentangle = (cause + isolate) / 2.", "",
-             "| method | cause | isolate | disentangle |", "|---|---:|---:|---:|"]
-    for label, o in report_rows(hyperdas, mdas):
-        lines.append(f"| {label} | {pct(o['cause'])} | {pct(o['isolate'])} | {pct(o['disentangle'])} |")
-    lines += ["", "Full per-attribute tables: `hyperdas/eval/results.md`, `mdas/eval/results.md`.", "",
-              "## Training", "", *settings, "", "![loss curves](loss_curves.png)", "",
+             "disentangle = (cause + isolate) / 2; 95% CI: stratified bootstrap over test rows.", "",
+             "| method | cause | isolate | disentangle | 95% CI |", "|---|---:|---:|---:|---:|"]
+    for label, o, ci in report_rows(hyperdas, mdas):
+        lines.append(f"| {label} | {format_pct(o['cause'])} | {format_pct(o['isolate'])} "
+                     f"| {format_pct(o['disentangle'])} | {format_ci(ci)} |")
+    lines += ["", "Paired differences in disentangle (same rows resampled for both):", "",
+              *comparisons(hyperdas, mdas, test_rows)]
+    lines += ["", "Full per-attribute tables: `hyperdas/eval/results.md`, `mdas/eval/results.md`.",
+              *localisation_markdown(hyperdas), "",
+              "## Training", "", *settings, "",
+              "![learning curves: loss, validation disentangle, localisation](learning_curves.png)", "",
               "## Selection heatmaps (HyperDAS)", ""]
     lines += [f"![{p.stem}]({p.relative_to(run).as_posix()})" for p in heatmaps]
     lines += ["", "## Data", "", *data_lines(data, data_report),
@@ -252,12 +306,12 @@ def main(argv=None) -> int:
                                    heatmaps=False)  # MDAS has no selection matrix
     lap("evaluate MDAS", ran)
 
-    loss_curves({"HyperDAS": run / "hyperdas" / "metrics.jsonl", "MDAS": mdas_dir / "metrics.jsonl"},
-                run / "loss_curves.png")
+    learning_curves({"HyperDAS": run / "hyperdas" / "metrics.jsonl", "MDAS": mdas_dir / "metrics.jsonl"},
+                    run / "hyperdas" / "metrics.jsonl", run / "learning_curves.png")
     heatmaps = sorted((run / "hyperdas" / "eval" / "heatmaps").glob("*.png"))[:6]
     data_report = json.loads((data / "report.json").read_text())
     path = write_report(run, hyper_results, mdas_results, data, data_report, settings_lines(cfg, mdas_cfg),
-                        timings, heatmaps)
+                        timings, heatmaps, test_rows)
     print(path.read_text())
     print(f"report: {path}")
     return 0

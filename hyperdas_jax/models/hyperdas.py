@@ -1,9 +1,9 @@
 """The trainable HyperDAS model (editor + selection head + subspace) and its forward through the frozen target.
 
 Target passes per step: one clean pass on the source and one on the base (hidden states only, no
-LM head), then blocks [L, n) once more from the patched hs[L] of the clean base (blocks [0, L)
-of the intervened run would recompute exactly the clean base's hs[L], §2), with logits only at
-the answer positions.
+LM head; none when the batch carries cached clean states, see clean_states.py), then blocks
+[L, n) once more from the patched hs[L] of the clean base (blocks [0, L) of the intervened run
+would recompute exactly the clean base's hs[L], §2), with logits only at the answer positions.
 """
 
 from __future__ import annotations
@@ -109,8 +109,13 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     """HyperDAS forward on a collated batch (see hyperdas_jax/data/collate.py for the keys and shapes)."""
     L = spec.layer
     ecfg = model.hypernet.config
-    hs_base, hs_src = clean_pair(target, batch["base_ids"], batch["base_mask"], batch["source_ids"],
-                                 batch["source_mask"])  # (n+1, b, tb, d), (n+1, b, ts, d)
+    if "base_states" in batch:  # cached clean states (hyperdas_jax/clean_states.py), (b, n+1, t, d)
+        dtype = jnp.dtype(target.config.dtype)
+        hs_base = jax.lax.stop_gradient(jnp.moveaxis(batch["base_states"], 1, 0).astype(dtype))
+        hs_src = jax.lax.stop_gradient(jnp.moveaxis(batch["source_states"], 1, 0).astype(dtype))
+    else:
+        hs_base, hs_src = clean_pair(target, batch["base_ids"], batch["base_mask"], batch["source_ids"],
+                                     batch["source_mask"])  # (n+1, b, tb, d), (n+1, b, ts, d)
     base_iv, src_iv = batch["base_intervention_mask"], batch["source_intervention_mask"]
 
     z, pos = model.hypernet(batch["editor_ids"], batch["editor_mask"],

@@ -1,0 +1,160 @@
+"""Host cache of the frozen target's clean hidden states, one entry per distinct prompt.
+
+A HyperDAS step needs every hidden state of the target's clean passes over the base and the
+source prompt (the hypernetwork's cross-attention memories and the hs[L] that is patched). The
+target is frozen, so those states are the same for the same prompt in every epoch and in every
+evaluation mode. The cache computes them once per prompt (on the first batch that holds it, with
+one pass over that batch) and afterwards hands them to the step as batch inputs, so the step runs
+only the hypernetwork and blocks [L, n) of the target.
+
+When the rows are known up front (`make_cache`), every distinct prompt is computed before training
+in one fixed order, so a resumed run reads exactly the states an uninterrupted one reads.
+States are stored unpadded (the prompt's real tokens only, float32, on the host) and left-padded
+with zeros into each batch. A real token's state does not depend on padding (positions count real
+tokens, pads are masked keys), and the model never reads a pad position's state (masked in the
+memories, the selection and the upper blocks' attention), so the cached step computes the same
+loss and gradients as the uncached one (tests/test_clean_states.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from hyperdas_jax.sharding import use_mesh
+
+# Batch keys the step reads instead of running the clean passes: (b, n+1, t, d) float32.
+STATE_KEYS = {"base_ids": "base_states", "source_ids": "source_states"}
+_MASKS = {"base_ids": "base_mask", "source_ids": "source_mask"}
+_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # fill's padded widths: a few compiled shapes
+
+
+def distinct_prompts(examples: Iterable[Any]) -> list[tuple[int, ...]]:
+    """The distinct base and source token sequences of encoded examples (`collate.EncodedExample`),
+    shortest first (ties by ids): the fixed order in which `CleanStateCache.fill` computes them."""
+    prompts = {e.base_ids for e in examples} | {e.source_ids for e in examples}
+    return sorted(prompts, key=lambda p: (len(p), p))
+
+
+def estimate_bytes(examples: Iterable[Any], num_states: int, hidden_size: int) -> int:
+    """Host bytes of the cache for encoded examples: every distinct prompt's float32 states."""
+    return sum(len(p) for p in distinct_prompts(examples)) * num_states * hidden_size * 4
+
+
+class CleanStateCache:
+    """Clean hidden states per prompt, computed once with the frozen target and reused.
+
+    Args:
+      graphdef, state: the frozen target split by `nnx.split` (as `train.Steps` holds it).
+      limit_bytes: refuse to grow past this many bytes (the caller sized it from `estimate_bytes`);
+        prompts beyond it are computed for their batch and not kept.
+    """
+
+    def __init__(self, graphdef, state, limit_bytes: int | None = None):
+        self._target_state = state
+        self._mesh = jax.tree.leaves(state)[0].sharding.mesh
+        self._fn = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).hidden_states(ids, mask))
+        self._store: dict[bytes, np.ndarray] = {}
+        self.limit_bytes = limit_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def _states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(b, n+1, t, d) float32 states of a left-padded id array, zeros at pads."""
+        ids, mask = np.asarray(ids), np.asarray(mask)
+        keys = [row[m > 0].astype(np.int32).tobytes() for row, m in zip(ids, mask)]
+        computed = None
+        if any(k not in self._store for k in keys):
+            with use_mesh(self._mesh):
+                computed = np.asarray(self._fn(self._target_state, ids, mask))  # (n+1, b, t, d)
+        b, t = ids.shape
+        out = None
+        for i, key in enumerate(keys):
+            n = int((mask[i] > 0).sum())
+            entry = self._store.get(key)
+            if entry is None:
+                self.misses += 1
+                entry = np.ascontiguousarray(computed[:, i, t - n:], np.float32)  # (n+1, n_real, d)
+                if self.limit_bytes is None or self.nbytes + entry.nbytes <= self.limit_bytes:
+                    self._store[key] = entry
+                    self.nbytes += entry.nbytes
+            else:
+                self.hits += 1
+            if out is None:
+                out = np.zeros((b, entry.shape[0], t, entry.shape[-1]), np.float32)
+            out[i, :, t - n:] = entry
+        return out
+
+    def fill(self, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, progress: bool = True) -> None:
+        """Computes the states of `prompts` now, in their order, `batch_size` at a time.
+
+        The order fixes which prompts share a pass, so the stored states (equal to a lone pass up
+        to float rounding) are the same in every run over the same rows, resumed or not.
+        """
+        from tqdm import tqdm
+
+        from hyperdas_jax.data.collate import bucket_length
+
+        todo = [p for p in prompts if np.asarray(p, np.int32).tobytes() not in self._store]
+        for start in tqdm(range(0, len(todo), batch_size), desc="clean states", unit="batch",
+                          disable=not progress or not todo):
+            chunk = todo[start:start + batch_size]
+            width = bucket_length(max(len(p) for p in chunk), _BUCKETS) if max(map(len, chunk)) <= _BUCKETS[-1] \
+                else max(map(len, chunk))
+            ids = np.zeros((len(chunk), width), np.int32)
+            mask = np.zeros((len(chunk), width), np.int32)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+            self._states(ids, mask)
+
+    def attach(self, batch: dict) -> dict:
+        """The batch with `base_states` and `source_states` added (host numpy arrays)."""
+        out = dict(batch)
+        for ids_key, states_key in STATE_KEYS.items():
+            out[states_key] = self._states(batch[ids_key], batch[_MASKS[ids_key]])
+        return out
+
+
+def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training",
+               progress: bool = True) -> CleanStateCache | None:
+    """The cache `steps.cfg.train.state_cache` asks for, or None.
+
+    "never": None. "always": a cache (refused with several processes: each would hold only its own
+    rows' states). "auto": a cache when one process runs, the examples are known and their
+    estimate fits in `train.state_cache_gb`; otherwise None (the step recomputes the clean
+    passes). The estimate and the decision are printed.
+
+    Args:
+      steps: the run's `train.Steps` (its config, target graph and state).
+      examples: the encoded examples the cache will serve (`collate.EncodedExample`), or None.
+      what: how the printed line names them.
+      progress: show a progress bar while the cache is filled (up front, in a fixed order).
+    """
+    t = steps.cfg.train
+    if t.state_cache == "never":
+        return None
+    multi = jax.process_count() > 1
+    if t.state_cache == "always" and multi:
+        raise ValueError("train.state_cache=always needs a single process; use auto or never on a multi-host mesh")
+    limit = int(t.state_cache_gb * 2**30)
+    if examples is None or multi:
+        return None if t.state_cache == "auto" else CleanStateCache(steps.target_graphdef, steps.target_state, limit)
+    cfg = nnx.merge(steps.target_graphdef, steps.target_state).config
+    examples = list(examples)
+    need = estimate_bytes(examples, cfg.num_hidden_layers + 1, cfg.hidden_size)
+    on = t.state_cache == "always" or need <= limit
+    print(f"clean-state cache for {what}: {need / 2**30:.2f} GiB estimated (limit {t.state_cache_gb:g} GiB): "
+          f"{'on' if on else 'off, the step recomputes the clean passes'}", file=sys.stderr)
+    if not on:
+        return None
+    cache = CleanStateCache(steps.target_graphdef, steps.target_state, None if t.state_cache == "always" else limit)
+    cache.fill(distinct_prompts(examples), progress=progress)
+    return cache

@@ -1,0 +1,118 @@
+"""The clean-state cache: a cached step computes what the uncached step computes, and a prompt is run once."""
+
+import jax
+import numpy as np
+import pytest
+
+from hyperdas_jax.clean_states import CleanStateCache, estimate_bytes, make_cache
+from hyperdas_jax.config import ConfigError
+from hyperdas_jax.train import StepContext, Steps, label_window, loss_fn, spec_from_config
+from hyperdas_fixtures import make_batch, tiny
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg, target, model = tiny()
+    return cfg, target, Steps(model, target, cfg)
+
+
+def _cache(steps, limit=None):
+    return CleanStateCache(steps.target_graphdef, steps.target_state, limit)
+
+
+def test_cached_states_equal_the_clean_passes(setup):
+    _, target, steps = setup
+    batch = make_batch(np.random.default_rng(0))
+    cached = _cache(steps).attach(batch)
+    hs = np.asarray(target.hidden_states(batch["base_ids"], batch["base_mask"]))  # (n+1, b, t, d)
+    real = batch["base_mask"] > 0
+    got = np.moveaxis(cached["base_states"], 1, 0)
+    np.testing.assert_allclose(got[:, real], hs[:, real], atol=1e-5, rtol=0)
+    assert (got[:, ~real] == 0).all()  # pads are zeros, never read by the model
+
+
+def test_cached_step_gives_the_same_loss_and_gradients(setup):
+    cfg, _, steps = setup
+    batch = make_batch(np.random.default_rng(1))
+    window = label_window(batch["labels"])
+    ctx = StepContext(steps.graphdef, steps.target_graphdef, spec_from_config(cfg, window=window), cfg.train)
+    grad = jax.jit(jax.grad(loss_fn, has_aux=True), static_argnames="ctx")
+    args = (steps.target_state,)
+    g0, m0 = grad(steps.params, *args, batch, 3, jax.random.key(0), ctx=ctx)
+    g1, m1 = grad(steps.params, *args, _cache(steps).attach(batch), 3, jax.random.key(0), ctx=ctx)
+    for key in ("loss", "pred_loss", "sparsity", "accuracy"):
+        np.testing.assert_allclose(float(m1[key]), float(m0[key]), rtol=1e-5, atol=1e-6)
+    assert float(m0["loss"]) > 0.1
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, np.abs(a).max()), rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+    # Evaluation too: the same logits and selection.
+    plain, cached = steps.evaluate(steps.params, batch), steps.evaluate(steps.params, _cache(steps).attach(batch))
+    np.testing.assert_allclose(np.asarray(cached["logits"]), np.asarray(plain["logits"]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(cached["selection"]), np.asarray(plain["selection"]), atol=1e-6, rtol=0)
+
+
+def test_each_prompt_runs_once_and_the_limit_holds(setup):
+    _, _, steps = setup
+    rng = np.random.default_rng(2)
+    a, b = make_batch(rng), make_batch(rng)
+    cache = _cache(steps)
+    first = cache.attach(a)
+    assert (cache.misses, cache.hits, len(cache)) == (8, 0, len({r.tobytes() for r in a["base_ids"]}) + 4)
+    again = cache.attach(a)
+    assert cache.misses == 8 and cache.hits == 8
+    for key in ("base_states", "source_states"):
+        np.testing.assert_array_equal(again[key], first[key])
+    # Reordered and re-padded rows (another batch's shape) are hits.
+    wider = {k: v[::-1] for k, v in a.items()}
+    for key, mask in (("base_ids", "base_mask"), ("source_ids", "source_mask")):
+        wider[key] = np.pad(wider[key], ((0, 0), (3, 0)))
+        wider[mask] = np.pad(wider[mask], ((0, 0), (3, 0)))
+    out = cache.attach(wider)
+    assert cache.misses == 8 and cache.hits == 16
+    np.testing.assert_array_equal(out["base_states"][:, :, 3:], first["base_states"][::-1])
+    # A cache at its byte limit keeps nothing new, and still gives the right states.
+    full = _cache(steps, limit=cache.nbytes // 4)
+    got = full.attach(b)
+    assert full.nbytes <= cache.nbytes // 4
+    np.testing.assert_allclose(got["source_states"], _cache(steps).attach(b)["source_states"], atol=0)
+
+
+def test_fill_computes_in_a_fixed_order(setup):
+    from hyperdas_jax.clean_states import distinct_prompts
+    from hyperdas_jax.data.collate import EncodedExample
+
+    _, _, steps = setup
+    batch = make_batch(np.random.default_rng(3))
+    real = lambda ids, mask: [tuple(int(t) for t in r[m > 0]) for r, m in zip(ids, mask)]  # noqa: E731
+    bases, sources = real(batch["base_ids"], batch["base_mask"]), real(batch["source_ids"], batch["source_mask"])
+    examples = [EncodedExample((1,), b, 2, 0, 1, s, 0, 1, True, i) for i, (b, s) in enumerate(zip(bases, sources))]
+    prompts = distinct_prompts(examples + examples[:2])
+    assert len(prompts) == 8 and [len(p) for p in prompts] == sorted(len(p) for p in prompts)
+    one, two = _cache(steps), _cache(steps)
+    one.fill(prompts, batch_size=3, progress=False)
+    two.fill(prompts, batch_size=3, progress=False)
+    assert one.misses == 8 and len(one) == 8
+    a, b = one.attach(batch), two.attach(batch)
+    assert one.misses == 8 and one.hits == 8  # everything came from the fill
+    for key in ("base_states", "source_states"):
+        np.testing.assert_array_equal(a[key], b[key])  # the same order gives the same bits
+        np.testing.assert_allclose(a[key], _cache(steps).attach(batch)[key], atol=1e-5, rtol=0)
+
+
+def test_make_cache_follows_the_config(setup, capsys):
+    from hyperdas_jax.data.collate import EncodedExample
+
+    cfg, target, steps = setup
+    ex = [EncodedExample((1, 5, 6), (1, 5, 6, 7), 3, 1, 1, (1, 8), 0, 1, True, 0),
+          EncodedExample((1, 5), (1, 5, 6, 7), 3, 1, 1, (1, 9, 9), 0, 1, False, 1)]
+    n, d = target.config.num_hidden_layers + 1, target.config.hidden_size
+    assert estimate_bytes(ex, n, d) == (4 + 2 + 3) * n * d * 4  # the repeated base prompt counts once
+    assert make_cache(steps, ex) is not None and "on" in capsys.readouterr().err
+    for overrides, expected in ((["train.state_cache=never"], None), (["train.state_cache_gb=0"], None)):
+        s = Steps(steps.model(steps.params), target, tiny(overrides)[0])
+        assert make_cache(s, ex) is expected
+    assert make_cache(steps, None) is None  # auto with unknown rows: recompute
+    with pytest.raises(ConfigError, match="train.state_cache must be"):
+        tiny(["train.state_cache=maybe"])

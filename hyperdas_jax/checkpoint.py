@@ -9,6 +9,10 @@ Restoring takes abstract targets carrying shardings, so a checkpoint loads onto 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import gc
 import json
 import logging
 import pathlib
@@ -103,6 +107,35 @@ def _compare(stored: dict, wanted: dict, what: str, where: str) -> None:
             + "\nwas the checkpoint written with a different config?")
 
 
+def _first_line(error: Exception, limit: int = 160) -> str:
+    """An exception's first line without the storage specs some Orbax / TensorStore errors append."""
+    line = next((x.strip() for x in str(error).splitlines() if x.strip()), type(error).__name__)
+    return line.split(" [source locations=")[0].split("; spec=")[0].split(" spec=")[0][:limit]
+
+
+def _abandoned_read(unraisable) -> bool:
+    """An unraisable error of a read that a failed Orbax restore abandoned: its coroutine, or its
+    callback finding the restore's event loop closed."""
+    error = unraisable.exc_value
+    return asyncio.iscoroutine(unraisable.object) or (
+        isinstance(error, RuntimeError) and "Event loop is closed" in str(error))
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """A failed Orbax restore abandons its other reads; Python would print a traceback for each one
+    ("Exception ignored in: <coroutine ...>", "RuntimeError: Event loop is closed") whenever they
+    end, up to interpreter exit. After a failure those, and only those, are dropped, so the
+    one-line CheckpointError is all a user sees."""
+    try:
+        yield
+    except Exception:
+        previous = sys.unraisablehook
+        sys.unraisablehook = lambda u: None if _abandoned_read(u) else previous(u)
+        gc.collect()
+        raise
+
+
 # --------------------------------------------------------------------------------------------
 # The manager
 
@@ -183,10 +216,12 @@ class RunCheckpoints:
     def read_meta(self, step: int) -> dict:
         where = self.directory / str(step)
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            with _quiet_abandoned_reads():
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types; the message is what matters
-            raise CheckpointError(f"{where}: cannot read the checkpoint's meta item "
-                                  f"({type(e).__name__}: {str(e)[:300]}); it is corrupt or not a HyperDAS checkpoint") from None
+            raise CheckpointError(f"{where}: cannot read the checkpoint's meta item ({type(e).__name__}: "
+                                  f"{_first_line(e)}); it is corrupt or not a HyperDAS checkpoint. "
+                                  f"{self._others(step)}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(f"{where}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
         return meta
@@ -203,9 +238,12 @@ class RunCheckpoints:
             raise CheckpointError(f"{self.directory}: no checkpoint at step {step} (available: {self.all_steps()})")
         meta = self.read_meta(step)
         try:
-            stored = self.manager.item_metadata(step)
+            with _quiet_abandoned_reads():
+                stored = self.manager.item_metadata(step)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{where}: cannot read the checkpoint metadata ({type(e).__name__}: {str(e)[:300]})") from None
+            raise CheckpointError(f"{where}: cannot read the checkpoint metadata ({type(e).__name__}: "
+                                  f"{_first_line(e)}); the checkpoint is corrupt or incomplete. "
+                                  f"{self._others(step)}") from None
         items = {"params": abstract_params}
         if abstract_opt_state is not None:
             items["opt_state"] = abstract_opt_state
@@ -216,13 +254,22 @@ class RunCheckpoints:
             _compare(_flat_meta(tree), _flat_meta(to_nested(like)), name, str(where))
         args = {name: ocp.args.StandardRestore(to_nested(like)) for name, like in items.items()}
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+            with _quiet_abandoned_reads():
+                restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{where}: cannot restore the arrays ({type(e).__name__}: {str(e)[:300]}); "
-                                  "the checkpoint is corrupt or incomplete") from None
+            raise CheckpointError(f"{where}: cannot restore the arrays ({type(e).__name__}: {_first_line(e)}); "
+                                  f"the checkpoint is corrupt or incomplete. {self._others(step)}") from None
         params = from_nested(abstract_params, restored["params"])
         opt_state = from_nested(abstract_opt_state, restored["opt_state"]) if abstract_opt_state is not None else None
         return params, opt_state, meta
+
+    def _others(self, step: int) -> str:
+        """The hint naming the run's other checkpoints, which a damaged one leaves intact."""
+        others = [s for s in self.all_steps() if s != step]
+        if not others:
+            return "No other checkpoint exists in this run."
+        return (f"The other checkpoints ({', '.join(map(str, others))}) are separate; resume from one with "
+                f"--resume {max(others)}, or delete {step}/ to make it the latest.")
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -262,20 +309,23 @@ def target_tokenizer(cfg):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_trained_method(run_dir: str | pathlib.Path, *, mesh=None, step: str | int = "best"):
+def load_trained_method(run_dir: str | pathlib.Path, *, mesh=None, step: str | int = "best",
+                        target_path: str | pathlib.Path | None = None):
     """A trained HyperDAS model ready for the evaluator.
 
     Args:
       run_dir: a run written by `hyperdas_jax.loop.train` (config.json + checkpoints/).
       mesh: where to place the target and the parameters (default: one device).
       step: "best" (highest eval accuracy), "latest", or a step number.
+      target_path: the converted target to use instead of the run's `target.path` (e.g. when the
+        run's relative path does not resolve from the current folder).
     Returns:
       A `TrainedMethod` (a `HyperDASMethod` with `.config`, `.step` and `.tokenizer`, the target's
       tokenizer or None for a random target).
     """
     from flax import nnx
 
-    from hyperdas_jax.loop import build_target
+    from hyperdas_jax.target import CONFIG_FILE, build_target
     from hyperdas_jax.models.hyperdas import HyperDAS
     from hyperdas_jax.sharding import abstract_module, current_or_default_mesh
     from hyperdas_jax.train import HyperDASMethod, Steps
@@ -286,6 +336,12 @@ def load_trained_method(run_dir: str | pathlib.Path, *, mesh=None, step: str | i
             self.config, self.step, self.tokenizer = config, step, tokenizer
 
     cfg = read_run_config(run_dir)
+    if target_path is not None:
+        cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, path=str(target_path)))
+    elif cfg.target.path is not None and not (pathlib.Path(cfg.target.path) / CONFIG_FILE).is_file():
+        raise CheckpointError(f"the run's target {cfg.target.path!r} is not a converted target seen from "
+                              f"{pathlib.Path.cwd()} (a relative path is read from the current folder); "
+                              "run from the folder training ran in, or pass the target's folder (--target DIR)")
     mesh = current_or_default_mesh(mesh)
     checkpoints = RunCheckpoints(pathlib.Path(run_dir) / "checkpoints", read_only=True)
     resolved = checkpoints.resolve(step)

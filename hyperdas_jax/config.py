@@ -18,6 +18,21 @@ class ConfigError(ValueError):
     """A bad configuration: the message names the offending key or value."""
 
 
+def require(ok: bool, message: str) -> None:
+    """Raises ConfigError(message) unless `ok`: the one-line check every config section uses."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def _at_least(section, names: str, low: float, strict: bool = False) -> None:
+    """Each named field of `section` (a dataclass whose `_where` is its dotted prefix) is >= low (> low)."""
+    for name in names.split():
+        value = getattr(section, name)
+        if value is not None:
+            require(value > low if strict else value >= low,
+                    f"{section._where}.{name} must be {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Model
 
@@ -304,6 +319,8 @@ class TargetConfig:
 class HypernetConfig:
     """The HyperDAS editor (§3): N truncated target blocks with source and base cross-attention."""
 
+    _where = "hypernet"
+
     num_layers: int = 2
     init: str = "target"  # "target": copy the target's first N blocks; "scratch": PyTorch default init
     self_attention: str = "causal"  # "causal", or "original" (bidirectional when no editor row is padded)
@@ -318,8 +335,7 @@ class HypernetConfig:
             raise ConfigError(f"hypernet.init must be 'target' or 'scratch', got {self.init!r}")
         if self.self_attention not in ("causal", "original"):
             raise ConfigError(f"hypernet.self_attention must be 'causal' or 'original', got {self.self_attention!r}")
-        if self.num_layers < 1:
-            raise ConfigError("hypernet.num_layers must be >= 1")
+        _at_least(self, "num_layers", 1)
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"hypernet.{name} must be one of {DTYPES}")
@@ -333,6 +349,8 @@ MODES = ("soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtrut
 class InterventionConfig:
     """Where and how the target is patched (§5, §6)."""
 
+    _where = "intervention"
+
     layer: int = 15  # patches hs[layer], the residual stream entering block `layer`
     subspace: str = "reflect"
     rank: int = 128
@@ -344,17 +362,28 @@ class InterventionConfig:
     # of the target's own hs[layer] states after subtracting each prompt's mean (BOS left out). Built
     # from what the method already sees, never from entity positions; 0 = off (the original).
     similarity_prior: float = 0.0
+    # RoPE positions of the selection head's SELF row: "real" counts only real base tokens, so A does
+    # not depend on how a batch is padded; "original" counts every SELF entry, pads included, as the
+    # original implementation does (identical on a batch without padding).
+    self_positions: str = "real"
 
     def __post_init__(self):
+        require(self.self_positions in ("real", "original"),
+                f"intervention.self_positions must be 'real' or 'original', got {self.self_positions!r}")
         if self.subspace not in SUBSPACES:
             raise ConfigError(f"intervention.subspace must be one of {SUBSPACES}, got {self.subspace!r}")
-        if self.rank < 1:
-            raise ConfigError("intervention.rank must be >= 1")
+        _at_least(self, "layer rank", 0)
+        _at_least(self, "rank mlp_hidden", 1)
+        _at_least(self, "temperature_start temperature_end", 0, strict=True)
+        require(0 <= self.bidding_threshold <= 1,
+                f"intervention.bidding_threshold must be in [0, 1], got {self.bidding_threshold!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
     """Source-selection sparsity penalty and its weight schedule (§4.3)."""
+
+    _where = "train.sparsity"
 
     enabled: bool = True
     schedule: str = "linear"  # "linear" (HEAD) or "constant" (the paper's result-time setting)
@@ -365,11 +394,15 @@ class SparsityConfig:
     def __post_init__(self):
         if self.schedule not in ("linear", "constant"):
             raise ConfigError(f"train.sparsity.schedule must be 'linear' or 'constant', got {self.schedule!r}")
+        _at_least(self, "start end", 0)
+        require(0 <= self.warmup_ratio < 1, f"train.sparsity.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation (§7)."""
+
+    _where = "train"
 
     steps: int = 1000
     batch_size: int = 16
@@ -395,12 +428,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.state_cache not in ("auto", "always", "never"):
             raise ConfigError(f"train.state_cache must be 'auto', 'always' or 'never', got {self.state_cache!r}")
-        if self.state_cache_gb < 0:
-            raise ConfigError("train.state_cache_gb must be >= 0")
+        _at_least(self, "steps batch_size keep_checkpoints", 1)
+        _at_least(self, "lr head_lr", 0, strict=True)
+        _at_least(self, "weight_decay rotate_lr mask_lr clip_norm causal_loss_weight iso_loss_weight log_every "
+                  "eval_every checkpoint_every state_cache_gb", 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    _where = "eval"
+
     modes: tuple[str, ...] = ("soft", "bidding_argmax")
     n_answer_tokens: int | None = 3  # exact match over the first k answer tokens; None: all of them
     batch_size: int = 16
@@ -410,6 +447,9 @@ class EvalConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ConfigError(f"eval.modes: unknown mode(s) {bad}; choose from {MODES}")
+        require(len(self.modes) > 0, "eval.modes is empty; give at least one mode")
+        _at_least(self, "n_answer_tokens batch_size", 1)
+        _at_least(self, "heatmaps", 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,6 +481,19 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     name: str = "experiment"
+
+
+def check_fits_target(cfg: ExperimentConfig, target: ModelConfig) -> None:
+    """The settings that depend on the target's shape: a one-line ConfigError when they cannot work."""
+    iv = cfg.intervention
+    require(iv.layer < target.num_hidden_layers,
+            f"intervention.layer={iv.layer} must be below the target's {target.num_hidden_layers} layers")
+    require(iv.layer > 0 or iv.subspace == "none",  # as in the original: at the embeddings only a full patch
+            "intervention.layer=0 requires intervention.subspace=none")
+    require(iv.rank <= target.hidden_size,
+            f"intervention.rank={iv.rank} exceeds the target's hidden size {target.hidden_size}")
+    require(cfg.hypernet.num_layers <= target.num_hidden_layers,
+            f"hypernet.num_layers={cfg.hypernet.num_layers} exceeds the target's {target.num_hidden_layers} layers")
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides=()) -> ExperimentConfig:

@@ -311,9 +311,12 @@ def plot_selection(
     return path
 
 
-def format_pct(value: float | None) -> str:
-    """A score as a percentage with two decimals; '-' for a score with no rows."""
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+def format_pct(value: float | None, *, signed: bool = False) -> str:
+    """A score as a percentage with two decimals (a sign too when `signed`, for differences); '-'
+    for a score with no rows."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
 def format_ci(interval: Sequence[float] | None) -> str:
@@ -358,30 +361,32 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {mode} | {format_pct(o['cause'])} | {format_pct(o['isolate'])} "
                      f"| {format_pct(o['disentangle'])} | {_ci(results, mode, 'overall')} "
                      f"| {format_pct(p['cause'])} | {format_pct(p['isolate'])} |")
-    domains = sorted({d for m in modes for d in results["modes"][m]["domains"]})
     lines += ["", "## Per domain", "", "| domain | mode | cause | isolate | disentangle | 95% CI |",
               "|---|---|---:|---:|---:|---:|"]
-    for domain in domains:
-        for mode in modes:
-            d = results["modes"][mode]["domains"].get(domain)
-            if d is not None:
-                lines.append(f"| {domain} | {mode} | {format_pct(d['cause'])} | {format_pct(d['isolate'])} "
-                             f"| {format_pct(d['disentangle'])} | {_ci(results, mode, 'domains', domain)} |")
-    attributes = sorted({a for m in modes for a in results["modes"][m]["attributes"]})
+    lines += _breakdown(results, modes, "domains")
     lines += ["", "## Per attribute (the attribute the instruction names)", "",
               "| attribute | mode | cause | isolate | disentangle | causal rows | isolate rows | 95% CI |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for attribute in attributes:
-        for mode in modes:
-            a = results["modes"][mode]["attributes"].get(attribute)
-            if a is not None:
-                lines.append(f"| {attribute} | {mode} | {format_pct(a['cause'])} | {format_pct(a['isolate'])} "
-                             f"| {format_pct(a['disentangle'])} | {a['n_causal']} | {a['n_isolate']} "
-                             f"| {_ci(results, mode, 'attributes', attribute)} |")
+    lines += _breakdown(results, modes, "attributes", lambda a: [str(a["n_causal"]), str(a["n_isolate"])])
     lines += localisation_markdown(results)
     if results.get("heatmaps"):
         lines += ["", "## Selection heatmaps", ""] + [f"- {p}" for p in results["heatmaps"]]
     return "\n".join(lines) + "\n"
+
+
+def _breakdown(results: Mapping[str, Any], modes: Sequence[str], level: str, extra=lambda scores: []) -> list[str]:
+    """Table rows (name, mode, cause, isolate, disentangle, *extra, interval) for every domain or
+    attribute (`level`) and mode that has rows."""
+    names = sorted({n for m in modes for n in results["modes"][m][level]})
+    lines = []
+    for name in names:
+        for mode in modes:
+            scores = results["modes"][mode][level].get(name)
+            if scores is not None:
+                cells = [name, mode, *(format_pct(scores[k]) for k in ("cause", "isolate", "disentangle")),
+                         *extra(scores), _ci(results, mode, level, name)]
+                lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def localisation_markdown(results: Mapping[str, Any]) -> list[str]:

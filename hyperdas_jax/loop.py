@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -25,44 +26,28 @@ from flax import nnx
 
 from hyperdas_jax.checkpoint import CheckpointError, RunCheckpoints, abstract_like, target_tokenizer
 from hyperdas_jax.clean_states import make_cache
-from hyperdas_jax.config import ExperimentConfig, to_dict
+from hyperdas_jax.config import ConfigError, ExperimentConfig, check_fits_target, to_dict
 from hyperdas_jax.models.hyperdas import HyperDAS, build_hyperdas
 from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.sharding import (
     abstract_module,
-    create_sharded,
     mesh_from_config,
     shard_batch,
     use_mesh,
 )
+from hyperdas_jax.target import build_target, read_model_config, target_model_config
 from hyperdas_jax.train import Steps, label_window
 
 IGNORE = -100
 # Config fields that may change when a run is resumed; anything else must match the checkpoint.
-RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.state_cache", "eval.", "data.validation", "data.test", "mesh.", "name")
+# train.steps may grow to extend a run (the schedules tied to it, sparsity warm-up and temperature, stretch).
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.state_cache", "eval.", "data.validation", "data.test", "mesh.",
+                     "name")
 
 
 # --------------------------------------------------------------------------------------------
 # Models
-
-
-def target_model_config(cfg: ExperimentConfig):
-    """The random target's ModelConfig with the run's dtype overrides applied."""
-    t = cfg.target
-    return dataclasses.replace(t.random, dtype=t.dtype, param_dtype=t.param_dtype or t.random.param_dtype)
-
-
-def build_target(cfg: ExperimentConfig, mesh) -> Llama:
-    """The frozen target on `mesh`: restored from a converted directory, or random (seeded by train.seed)."""
-    t = cfg.target
-    if t.path is not None:
-        from hyperdas_jax.target import restore_model
-
-        overrides = {"dtype": t.dtype, **({"param_dtype": t.param_dtype} if t.param_dtype else {})}
-        return restore_model(t.path, mesh=mesh, **overrides)
-    mcfg = target_model_config(cfg)
-    return create_sharded(lambda: Llama(mcfg, rngs=nnx.Rngs(cfg.train.seed)), mesh)
 
 
 def abstract_hyperdas(target: Llama, cfg: ExperimentConfig, mesh):
@@ -302,32 +287,43 @@ def default_eval_fn(cfg: ExperimentConfig, tokenizer, vocab_size: int, eval_batc
 
 
 class StopFlag:
-    """SIGTERM (preemption) sets the flag; the loop saves and returns at the next step boundary.
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) sets the flag; the loop saves and returns at the next
+    step boundary. A second Ctrl-C interrupts at once (KeyboardInterrupt), as usual.
 
     With several processes a local flag could differ between hosts (and a save is collective), so
     there the decision comes from JAX's preemption sync point, agreed by all hosts.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
-        self.raised = False
-        self._previous = None
+        self.raised = None  # the signal that asked to stop
+        self._previous = {}
 
     def __enter__(self):
         if jax.process_count() == 1:
             with contextlib.suppress(ValueError):  # not the main thread: no handler, no flag
-                self._previous = signal.signal(signal.SIGTERM, self._handle)
+                for sig in self.SIGNALS:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
+        if signum == signal.SIGINT and self.raised is not None:
+            raise KeyboardInterrupt
+        self.raised = signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop came from Ctrl-C (SIGINT) rather than a preemption."""
+        return self.raised == signal.SIGINT
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() == 1:
-            return self.raised
+            return self.raised is not None
         from jax.experimental import multihost_utils
 
         return bool(multihost_utils.reached_preemption_sync_point(step))
@@ -337,10 +333,46 @@ class StopFlag:
 # The loop
 
 
+def json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record with NaN / infinite floats as null (JSON has no NaN)."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()}
+
+
+def truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Keeps metrics.jsonl's records up to `step` (where training continues from), so the steps a
+    resumed run replays are not logged twice; a line cut short by a kill is dropped."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient; nothing was saved from that step on."""
+
+    def __init__(self, step: int, metrics: Mapping[str, float], last_good: int | None, run: pathlib.Path):
+        self.step, self.metrics, self.last_good = step, dict(metrics), last_good
+        shown = ", ".join(f"{k} {metrics[k]:g}" for k in ("loss", "grad_norm") if k in metrics)
+        good = (f"the last good checkpoint is step {last_good} in {run / 'checkpoints'} "
+                f"(tools/train.py --run {run} --resume {last_good})" if last_good is not None
+                else "no checkpoint was saved")
+        super().__init__(f"step {step}: the loss or gradient is not finite ({shown}); training stopped "
+                         f"without saving it; {good}. A lower train.lr usually helps")
+
+
 @dataclasses.dataclass
 class RunResult:
     step: int
-    status: str  # "finished" or "preempted"
+    status: str  # "finished", "preempted" (SIGTERM) or "interrupted" (Ctrl-C)
     metrics: dict[str, float]  # the last logged training metrics
     eval: dict[str, float] | None  # the last evaluation
     params: Any = None  # the final HyperDAS parameters (nnx.State)
@@ -396,6 +428,8 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
       RunResult with the final step, "finished" or "preempted", and the last metrics.
     """
     run = pathlib.Path(run_dir)
+    # Settings that depend on the target's shape fail before anything is written.
+    check_fits_target(cfg, read_model_config(cfg.target.path) if cfg.target.path else target_model_config(cfg))
     mesh = mesh if mesh is not None else mesh_from_config(cfg.mesh)
     lead = jax.process_index() == 0
     t = cfg.train
@@ -408,7 +442,18 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
         resume = "latest" if latest is not None else None
     start = checkpoints.resolve(resume) if resume is not None else None
     if start is not None:  # before building anything: a mismatched config fails fast
-        check_resume_config(checkpoints.read_meta(start)["config"], to_dict(cfg), str(run / "checkpoints" / str(start)))
+        stored = checkpoints.read_meta(start)["config"]
+        check_resume_config(stored, to_dict(cfg), str(run / "checkpoints" / str(start)))
+        if start > t.steps:
+            raise ConfigError(f"train.steps={t.steps} is below the checkpoint's step {start}; resume with "
+                              f"train.steps >= {start}")
+        if lead and stored != to_dict(cfg):  # config.json describes the run as it continues
+            tmp = run / "config.json.tmp"
+            tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+            os.replace(tmp, run / "config.json")
+        if _get(stored, "train.steps") != t.steps and lead:
+            print(f"extending the run from train.steps={_get(stored, 'train.steps')} to {t.steps}: the sparsity "
+                  "and temperature schedules follow the new length", file=sys.stderr)
 
     target = build_target(cfg, mesh)
     tokenizer = target_tokenizer(cfg)
@@ -438,15 +483,13 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_key = jax.jit(lambda k, s: jax.random.fold_in(k, s), out_shardings=replicated)
 
-    metrics_file = open(run / "metrics.jsonl", "a+") if lead else None  # noqa: SIM115
-    if metrics_file is not None and metrics_file.tell() > 0:
-        metrics_file.seek(metrics_file.tell() - 1)
-        if metrics_file.read(1) != "\n":  # a kill -9 cut the last record short: keep it on its own line
-            metrics_file.write("\n")
+    if lead:
+        truncate_metrics(run / "metrics.jsonl", step)
+    metrics_file = open(run / "metrics.jsonl", "a") if lead else None  # noqa: SIM115
 
     def log(record):
         if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             metrics_file.flush()
 
     def save(evaluation=None):
@@ -466,6 +509,11 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
                 window = label_window(host_batch["labels"])
                 params, opt_state, out = steps.train(params, opt_state, shard_batch(steps.prepare(host_batch), mesh),
                                                      step, step_key(base_key, step), window=window)
+                if not bool(out.pop("finite")):
+                    stopped = {k: float(v) for k, v in out.items()}
+                    log({"event": "nonfinite", "step": step + 1, **stopped})
+                    checkpoints.wait()
+                    raise NonFiniteError(step + 1, stopped, checkpoints.latest_step(), run)
                 step, position = step + 1, position + 1
                 seen += int(np.asarray(host_batch["valid"]).sum())
                 bar.update(1)
@@ -484,11 +532,11 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
                 if evaluated is not None or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     save(evaluated)
-            if step < t.steps:  # preempted: save where we are, then leave cleanly
-                status = "preempted"
+            if step < t.steps:  # preempted or interrupted: save where we are, then leave cleanly
+                status = "interrupted" if stop.interrupted else "preempted"
                 save()
-                log({"event": "preempted", "step": step})
-                bar.write(f"preempted: saved step {step} in {run / 'checkpoints'}")
+                log({"event": status, "step": step})
+                bar.write(f"{status}: saved step {step} in {run / 'checkpoints'}")
         checkpoints.wait()
     finally:
         bar.close()

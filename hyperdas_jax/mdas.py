@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hyperdas_jax.config import ExperimentConfig
-from hyperdas_jax.models.hyperdas import ForwardSpec, Outputs, clean_hidden_states
+from hyperdas_jax.config import ExperimentConfig, check_fits_target
+from hyperdas_jax.models.hyperdas import ForwardSpec, Outputs
 from hyperdas_jax.models.intervention import Orthonormal
 from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.train import Steps
@@ -64,7 +64,8 @@ def mdas_forward(model: MDAS, target: Llama, batch: dict, spec: ForwardSpec, ste
 def build_mdas(target: Llama, cfg: ExperimentConfig, n_tasks: int, *, seed: int = 0, mesh=None) -> MDAS:
     from hyperdas_jax.sharding import create_sharded
 
-    rank = min(cfg.intervention.rank, target.config.hidden_size)
+    check_fits_target(cfg, target.config)
+    rank = cfg.intervention.rank
     return create_sharded(lambda: MDAS(target.config.hidden_size, rank, n_tasks, rngs=nnx.Rngs(seed)), mesh)
 
 

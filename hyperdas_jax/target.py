@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +16,7 @@ from flax import nnx
 from hyperdas_jax.atomic import atomic_directory
 from hyperdas_jax.config import ConfigError, ModelConfig, from_dict, to_dict
 from hyperdas_jax.models.llama import Llama
-from hyperdas_jax.sharding import abstract_module
+from hyperdas_jax.sharding import abstract_module, create_sharded
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -32,8 +35,15 @@ def save_target(out: str | pathlib.Path, model: Llama, tokenizer=None, *, info: 
     (loadable with `AutoTokenizer.from_pretrained(out)`), and `conversion.json` (provenance).
     """
     out = pathlib.Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise TargetError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise TargetError(f"{out} already exists (pass --overwrite to replace it)")
+        if not is_target_dir(out):
+            raise TargetError(f"{out} is not a converted target ({CONFIG_FILE} and {INFO_FILE} missing): "
+                              "--overwrite only replaces what the converter wrote; choose another --out")
+    check_finite(model)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model.config)
     with atomic_directory(out) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
         checkpointer = ocp.StandardCheckpointer()
@@ -43,6 +53,50 @@ def save_target(out: str | pathlib.Path, model: Llama, tokenizer=None, *, info: 
             tokenizer.save_pretrained(str(tmp))
         (tmp / INFO_FILE).write_text(json.dumps(info or {}, indent=2) + "\n")
     return out
+
+
+def is_target_dir(path: pathlib.Path) -> bool:
+    """Whether `path` is a folder the converter wrote (its config and provenance files are there)."""
+    return path.is_dir() and not path.is_symlink() and (path / CONFIG_FILE).is_file() and (path / INFO_FILE).is_file()
+
+
+def check_finite(model: Llama) -> None:
+    """TargetError naming the first parameter that holds a NaN or an infinity."""
+    for key, value in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        if not bool(jnp.all(jnp.isfinite(value))):
+            bad = int(np.size(value) - np.isfinite(np.asarray(value, np.float32)).sum())
+            raise TargetError(f"parameter {jax.tree_util.keystr(key, simple=True, separator='.')} holds {bad} "
+                              "non-finite value(s) (NaN or infinity): the source weights are damaged")
+
+
+def check_tokenizer(tokenizer, cfg: ModelConfig) -> None:
+    """TargetError when a tokenizer cannot belong to the model: ids beyond the embedding, or another
+    BOS id than the model's config (EOS is not compared: instruct models stop on several ids)."""
+    size = len(tokenizer)
+    if size > cfg.vocab_size:
+        raise TargetError(f"the tokenizer has {size} tokens but the model's embedding only {cfg.vocab_size}: "
+                          "it belongs to another model")
+    model_bos, tok_bos = cfg.bos_token_id, getattr(tokenizer, "bos_token_id", None)
+    if model_bos is not None and tok_bos is not None and model_bos != tok_bos:
+        raise TargetError(f"the tokenizer's BOS id is {tok_bos} but the model's is {model_bos}: "
+                          "it belongs to another model")
+
+
+def load_tokenizer(name: str | os.PathLike):
+    """An HF tokenizer from a folder (or a Hub id), with a one-line TargetError when there is none."""
+    path = pathlib.Path(name)
+    text = str(name)
+    if path.exists() and not path.is_dir():
+        raise TargetError(f"tokenizer {text!r} is a file; give the folder that holds tokenizer.json")
+    if not path.exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):  # not a Hub id
+        raise TargetError(f"tokenizer folder {text!r} does not exist")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(text)
+    except (OSError, ValueError, TypeError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise TargetError(f"cannot load a tokenizer from {text!r}: {first}") from None
 
 
 def read_model_config(path: str | pathlib.Path, **overrides) -> ModelConfig:
@@ -81,6 +135,23 @@ def restore_model(path: str | pathlib.Path, *, mesh=None, **overrides) -> Llama:
     return nnx.merge(graphdef, state)
 
 
+def target_model_config(cfg):
+    """The random target's ModelConfig with the run's dtype overrides applied (an ExperimentConfig's)."""
+    t = cfg.target
+    return dataclasses.replace(t.random, dtype=t.dtype, param_dtype=t.param_dtype or t.random.param_dtype)
+
+
+def build_target(cfg, mesh) -> Llama:
+    """The frozen target of an ExperimentConfig on `mesh`: restored from a converted directory, or
+    random (seeded by train.seed)."""
+    t = cfg.target
+    if t.path is not None:
+        overrides = {"dtype": t.dtype, **({"param_dtype": t.param_dtype} if t.param_dtype else {})}
+        return restore_model(t.path, mesh=mesh, **overrides)
+    mcfg = target_model_config(cfg)
+    return create_sharded(lambda: Llama(mcfg, rngs=nnx.Rngs(cfg.train.seed)), mesh)
+
+
 class Target:
     """A frozen target model ready to script against: `.config`, `.tokenizer`, `.model`, `__call__`."""
 
@@ -102,6 +173,9 @@ class Target:
         ids = jnp.asarray(input_ids, jnp.int32)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, time), got shape {ids.shape}")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"{ids.shape[1]} positions exceed the model's context of "
+                             f"{self.config.max_position_embeddings} (max_position_embeddings)")
         mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
@@ -119,8 +193,16 @@ class Target:
 
     def greedy(self, texts: list[str], max_new_tokens: int = 8) -> list[str]:
         """Greedy completions. The buffer has a fixed width, so one program is compiled for all steps."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids, mask = self.encode(texts)
+        empty = [i for i, row in enumerate(mask) if not row.any()]
+        if empty:
+            raise ValueError(f"prompt {empty[0] + 1} is empty: there is nothing to complete")
         b, t = ids.shape
+        if t + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"the longest prompt ({int(mask.sum(1).max())} tokens) plus {max_new_tokens} new "
+                             f"tokens exceeds the model's context of {self.config.max_position_embeddings}")
         ids = np.concatenate([ids, np.zeros((b, max_new_tokens), np.int32)], axis=1)
         mask = np.concatenate([mask, np.zeros((b, max_new_tokens), np.int32)], axis=1)
         for step in range(max_new_tokens):

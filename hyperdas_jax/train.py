@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Any
@@ -119,7 +120,8 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
     return ForwardSpec(layer=iv.layer, mode=mode, window=window, total_steps=cfg.train.steps,
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
                        bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,
-                       remat=cfg.target.remat, similarity_prior=iv.similarity_prior)
+                       remat=cfg.target.remat, similarity_prior=iv.similarity_prior,
+                       self_positions=iv.self_positions)
 
 
 def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):
@@ -145,12 +147,20 @@ def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):
 
 
 def train_step(params, opt_state, target_state, batch, step, rng, *, ctx: StepContext, tx):
-    """One update. Only `params` (the HyperDAS tree) is differentiated; the target is an input."""
+    """One update. Only `params` (the HyperDAS tree) is differentiated; the target is an input.
+
+    A step whose loss or gradient is not finite changes nothing (parameters and optimizer state come
+    back as they went in) and reports `finite` = False, so the caller can stop on a state that is
+    still the last finite one.
+    """
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, target_state, batch, step, rng, ctx)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return params, opt_state, metrics
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    metrics["finite"] = finite
+    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), metrics
 
 
 def eval_step(params, target_state, batch, *, ctx: StepContext):
@@ -282,3 +292,26 @@ class HyperDASMethod:
     def baseline_batch(self, batch: dict) -> dict:
         """The no-intervention row: the target alone on the base, same labels."""
         return {"correct": np.asarray(self.steps.baseline(batch)["correct"])}
+
+
+def with_answer_tokens(method, k: int | None):
+    """The method with its jitted steps rebuilt to score the first k answer tokens (a shallow copy).
+
+    Methods built on `Steps` (HyperDAS, MDAS) are rebuilt; any other method is returned as it is
+    and the evaluator checks that its k agrees.
+    """
+    steps = getattr(method, "steps", None)
+    if steps is None or steps.n_answer_tokens == k:
+        return method
+    cfg = dataclasses.replace(steps.cfg, eval=dataclasses.replace(steps.cfg.eval, n_answer_tokens=k))
+    target = nnx.merge(steps.target_graphdef, steps.target_state)
+    rebuilt = copy.copy(method)
+    rebuilt.steps = Steps(steps.model(method.params), target, cfg, forward_fn=steps.forward_fn)
+    return rebuilt
+
+
+def target_config(method):
+    """The ModelConfig of the target a `Steps`-based method patches."""
+    steps = method.steps
+    return nnx.merge(steps.target_graphdef, steps.target_state).config
+

@@ -1,6 +1,10 @@
 """Converter bad inputs: one-line error, non-zero exit, no partial output."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,7 +36,7 @@ def run_fails(capsys, tmp_path, src, *extra, match):
     assert err.startswith("error: ") and "\n" not in err, err
     assert match in err, err
     assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")], "temporary output left behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "temporary output left behind"
     return err
 
 
@@ -105,15 +109,56 @@ def test_missing_and_unexpected_tensors(capsys, tmp_path, hf_dir):
     run_fails(capsys, tmp_path, hf_dir, match="q_proj.bias")
 
 
-def test_existing_out_needs_overwrite(capsys, tmp_path, hf_dir):
+def test_existing_out_needs_overwrite_and_only_a_converted_target_is_replaced(capsys, tmp_path, hf_dir):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     assert convert_hf_llama.main(["--source", str(hf_dir), "--out", str(out)]) != 0
     assert "--overwrite" in capsys.readouterr().err
+    # --overwrite never replaces a folder the converter did not write (e.g. `--out .`), nor a file.
+    assert convert_hf_llama.main(["--source", str(hf_dir), "--out", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "is not a converted target" in err, err
     assert (out / "keep.txt").read_text() == "user data"
-    assert convert_hf_llama.main(["--source", str(hf_dir), "--out", str(out), "--overwrite"]) == 0
-    assert (out / "model_config.json").is_file() and not (out / "keep.txt").exists()
+    file = tmp_path / "file.txt"
+    file.write_text("user file")
+    assert convert_hf_llama.main(["--source", str(hf_dir), "--out", str(file), "--overwrite"]) == 1
+    assert "is not a converted target" in capsys.readouterr().err
+    assert file.read_text() == "user file" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "hf", "out"]
+    # A converted target is replaced, with the usual folder permissions (not a temp folder's 0700).
+    target = tmp_path / "target"
+    assert convert_hf_llama.main(["--source", str(hf_dir), "--out", str(target)]) == 0
+    (target / "stale.txt").write_text("from the earlier conversion")
+    assert convert_hf_llama.main(["--source", str(hf_dir), "--out", str(target), "--overwrite"]) == 0
+    assert (target / "model_config.json").is_file() and not (target / "stale.txt").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+
+
+def test_a_killed_conversion_leaves_nothing_a_later_one_keeps(capsys, tmp_path, hf_dir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs: the writer was killed
+    stale = tmp_path / f".out.{dead.pid}.abc123.tmp"
+    (stale / "params").mkdir(parents=True)
+    out = tmp_path / "out"
+    assert convert_hf_llama.main(["--source", str(hf_dir), "--out", str(out)]) == 0
+    assert not stale.exists() and (out / "model_config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_damaged_weights_and_foreign_tokenizers_are_refused(capsys, tmp_path, hf_dir, smollm2_target_dir):
+    from safetensors.numpy import load_file
+
+    run_fails(capsys, tmp_path, hf_dir, "--tokenizer", str(tmp_path / "no_such_tokenizer"),
+              match="tokenizer folder")
+    run_fails(capsys, tmp_path, hf_dir, "--tokenizer", str(smollm2_target_dir),
+              match="the tokenizer has 49152 tokens but the model's embedding only 61")
+    tensors = load_file(hf_dir / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name][3, 5] = np.nan
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    run_fails(capsys, tmp_path, hf_dir, match="layers.1.mlp.down_proj")
 
 
 def test_non_llama_gguf_and_missing_source(capsys, tmp_path):

@@ -69,6 +69,20 @@ def test_left_padded_batch_equals_each_example_alone(setup):
     np.testing.assert_array_equal(wide[:, 14, :3], 1.0)  # pad columns are never patched
 
 
+def test_original_self_positions_switch_makes_a_depend_on_padding():
+    """intervention.self_positions=original reaches the head: the SELF row then moves with the left
+    padding (the default's does not, see the test above)."""
+    cfg, target, model = tiny(["intervention.self_positions=original"])
+    steps = Steps(model, target, cfg)
+    lengths = [(4, 3, 2, 2, 5, 2), (10, 6, 3, 1, 7, 4), (6, 4, 1, 3, 3, 1), (8, 5, 2, 2, 4, 3)]
+    wide = np.asarray(steps.evaluate(steps.params, make_batch(np.random.default_rng(2), lengths=lengths),
+                                     "soft")["selection"])
+    narrow = make_batch(np.random.default_rng(2), lengths=lengths, te=10, tb=13, ts=12)
+    small = np.asarray(steps.evaluate(steps.params, narrow, "soft")["selection"])
+    np.testing.assert_array_equal(wide[:, 14, :3], 1.0)
+    assert np.abs(wide[:, 14, 3:] - small[:, 12]).max() > 1e-4
+
+
 def test_groundtruth_full_rank_equals_hand_patch():
     cfg, target, model = tiny(["intervention.rank=64"])
     steps = Steps(model, target, cfg)

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from hyperdas_jax.pipeline.main_job import report_rows
 from tools import main_job
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def test_quick_main_job_report_matches_the_evaluator(tmp_path, smollm2_target_di
         m = re.fullmatch(r"\| (.+?) \| ([0-9.-]+) \| ([0-9.-]+) \| ([0-9.-]+) \| \[([0-9.]+), ([0-9.]+)\] \|", line)
         if m:
             table[m.group(1)] = [None if x == "-" else float(x) for x in m.groups()[1:]]
-    expected = main_job.report_rows(hyper, mdas)
+    expected = report_rows(hyper, mdas)
     assert [label for label, _, _ in expected] == list(table)
     for label, overall, ci in expected:
         want = [None if overall[k] is None else round(100 * overall[k], 2) for k in ("cause", "isolate", "disentangle")]

@@ -195,7 +195,7 @@ def test_eval_cli_with_an_in_process_method(tmp_path, monkeypatch, capsys):
     tok = _word_tokenizer()
     ravel_store.save_rows(rows, tmp_path / "test")
     method = FakeMethod(rows, soft, tokenizer=tok)
-    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir: method)
+    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir, target=None: method)
     out = tmp_path / "eval"
     argv = ["--run", "unused", "--data", str(tmp_path / "test"), "--modes", "soft", "--out", str(out),
             "--batch-size", "4", "--heatmaps", "1", "--quiet"]
@@ -221,7 +221,7 @@ def test_eval_cli_with_an_in_process_method(tmp_path, monkeypatch, capsys):
 def test_eval_cli_rebuilds_a_hyperdas_method_for_another_k():
     from hyperdas_fixtures import tiny
     from hyperdas_jax.train import HyperDASMethod, Steps
-    from tools.eval_ravel import with_answer_tokens
+    from hyperdas_jax.train import with_answer_tokens
 
     cfg, target, model = tiny()
     steps = Steps(model, target, cfg)
@@ -319,7 +319,7 @@ def test_prepare_bad_inputs_fail_cleanly(case, tmp_path, ravel_tgz, fake_target,
 
 def test_validation_templates_are_disjoint_from_train(ravel_tgz):
     from hyperdas_jax.data.ravel_raw import load_domain
-    from tools.prepare_ravel import generate_splits
+    from hyperdas_jax.data.build import generate_splits
 
     domain = load_domain(ravel_tgz, "city")
     rows, held = generate_splits(domain, ("Country", "Timezone"), n_train=60, n_test=20, validation_fraction=0.25,
@@ -458,7 +458,7 @@ def test_no_intervention_scores_cause_0_and_isolate_100_on_strict_rows(smol, sam
     method = HyperDASMethod(steps, steps.params)
     kept, _ = filtered["strict"]
     ravel_store.save_rows(kept + [_LAHORE], tmp_path / "rows")
-    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir: method)
+    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir, target=None: method)
     out = tmp_path / "eval"
     assert eval_ravel.main(["--run", "unused", "--data", str(tmp_path / "rows"), "--modes", "--out", str(out),
                             "--quiet"]) == 0

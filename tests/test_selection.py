@@ -30,7 +30,9 @@ def _rope_np(x, pos, theta):
     return x * np.cos(emb) + np.concatenate([-x2, x1], axis=-1) * np.sin(emb)
 
 
-def reference_selection(wq, wk, wc, z, epos, base, bmask, src, smask, swap=False, theta=500000.0):
+def reference_selection(wq, wk, wc, z, epos, base, bmask, src, smask, swap=False, theta=500000.0, breal=None):
+    """A as the original computes it; `breal` (b, j), when given, is the real-token mask of the base
+    and only real base tokens advance the SELF row's RoPE positions (our default)."""
     b, tb, d = base.shape
     ts = src.shape[1]
     n, nk = wq.shape[1] // H, wk.shape[1] // H
@@ -42,7 +44,10 @@ def reference_selection(wq, wk, wc, z, epos, base, bmask, src, smask, swap=False
     feats[:, ts] = base  # SELF row: raw base vector
     mask = np.ones((b, ts + 1, tb))
     mask[:, :ts] = smask[:, :, None] * bmask[:, None, :]
-    flat = mask.reshape(b, -1)
+    counted = mask.copy()
+    if breal is not None:
+        counted[:, ts] = breal
+    flat = counted.reshape(b, -1)
     pos = (np.cumsum(flat, axis=1) * flat).astype(np.int64)  # (b, P)
     keys = (feats.reshape(b, -1, d) @ wk).reshape(b, -1, nk, H)
     keys = _rope_np(keys, pos[:, :, None].repeat(nk, 2), theta)
@@ -114,6 +119,25 @@ def test_head_matches_naive_reference(head_and_weights, swap):
     assert got.shape == (3, 5, 5) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert want[:, :-1].max() > 0.3  # the reference is far from uniform, so the comparison means something
+
+
+def test_self_row_positions_on_a_padded_batch(head_and_weights):
+    """Left padding: the original counts the pad columns' SELF entries into the SELF row's RoPE
+    positions (base_attention_mask=None), our default only the real base tokens."""
+    head, w = head_and_weights
+    z, epos, base, bmask, src, smask = _inputs()
+    breal = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # rows 0 and 2 are left-padded
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    args = (f(z), jnp.asarray(epos), f(base), jnp.asarray(bmask), f(src), jnp.asarray(smask))
+    ours = np.asarray(nnx.jit(lambda h, m, *a: h(*a, base_attention_mask=m))(head, jnp.asarray(breal), *args))
+    original = _run(head, z, epos, base, bmask, src, smask)
+    want_ours = reference_selection(w["q_proj"], w["k_proj"], w["q_combine"], z, epos, base, bmask, src, smask,
+                                    breal=breal)
+    want_original = reference_selection(w["q_proj"], w["k_proj"], w["q_combine"], z, epos, base, bmask, src, smask)
+    np.testing.assert_allclose(ours, want_ours, atol=1e-5)
+    np.testing.assert_allclose(original, want_original, atol=1e-5)
+    np.testing.assert_allclose(ours[1], original[1], atol=1e-6)  # no padding: the same A
+    assert np.abs(ours[[0, 2]] - original[[0, 2]]).max() > 1e-3  # padding: the two rules differ
 
 
 def test_swap_as_traced_flag(head_and_weights):

@@ -187,7 +187,8 @@ def test_target_restores_straight_into_shards(tmp_path):
 
 
 def test_memory_planner_and_sharding_table_tools(capsys):
-    from tools import plan_memory, show_sharding
+    from hyperdas_jax import memory_plan as plan_memory
+    from tools import show_sharding
 
     assert plan_memory.parse_mesh("fsdp=8") == (1, 8, 1) and plan_memory.parse_mesh("data=2,tensor=4") == (2, 1, 4)
     cfg = load_config("configs/tiny.yaml", OVERRIDES + ["target.param_dtype=bfloat16"])

@@ -13,3 +13,23 @@ def test_bench_train_step_prints_its_table(capsys):
     assert frac > 0
     assert float(re.search(r"\| cached step speed-up \(same run\) \| ([0-9.]+)x \|", out).group(1)) > 0
     assert "peak RSS" in out
+
+
+def test_torch_forward_timing_and_the_multiple_of_the_original_step():
+    import torch
+    import transformers
+
+    from hyperdas_jax.benchmarks.train_step import ORIGINAL_STEP_FORWARDS, original_multiples, torch_forward_s
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    for dtype in ("float32", "bfloat16"):
+        assert torch_forward_s(model, dtype, runs=2, shape=(2, 5)) > 0
+        assert next(model.parameters()).dtype == torch.float32  # cast back after the measurement
+    # The original's step = factor x forward; ours is a multiple of it (> 1: faster).
+    got = original_multiples(2.0, {"float32": 0.5, "bfloat16": 0.25}, "amd")
+    assert got == {"float32": ORIGINAL_STEP_FORWARDS["amd"]["float32"] * 0.5 / 2.0,
+                   "bfloat16": ORIGINAL_STEP_FORWARDS["amd"]["bfloat16"] * 0.25 / 2.0}
+    assert original_multiples(2.0, {"float32": 0.5}, None) == {}

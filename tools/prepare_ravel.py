@@ -1,311 +1,20 @@
-"""Build filtered RAVEL train/validation/test arrow sets for a converted target.
+"""Build filtered RAVEL train/validation/test arrow sets for a converted target (hyperdas_jax/data/build.py).
 
   python -m tools.prepare_ravel --target checkpoints/smollm2 --domains city --out data/smollm2_city
   python -m tools.prepare_ravel --target checkpoints/smollm2 --domains city --attributes Country Continent \
       --n-train 1500 --n-test 300 --filter original --out data/smollm2_city_original
 
-Splits: train and validation come from RAVEL's train templates, split into two disjoint template
-sets (base templates per attribute and entity-bound Wikipedia fragments alike), so validation
-measures generalisation to unseen prompts as the test split does; test uses RAVEL's val + test
-templates. Entities are shared by all splits (the original's entity_split="both").
-
-With --screen-entities N, each asked attribute's N sampled entities are first put to the target with
---screen-templates train prompts; base entities (and the source entities of causal rows) are then
-drawn only from those it answered right, so far fewer generated rows fail the filter. The screen's
-answers are cached and reused by the filter, which still checks every row.
+Train and validation come from disjoint sets of RAVEL's train templates, test from its val + test
+templates. --screen-entities N first keeps only the entities the target knows.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pathlib
-import random
 import sys
-import time
-from typing import Any
 
-SPLITS = ("train", "validation", "test")
-
-
-def _answer_tokens(text: str) -> int | str | None:
-    if text in ("all", "auto"):
-        return None if text == "all" else text
-    try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return k
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
-
-
-def hold_out_templates(domain, fraction: float, seed: int):
-    """Splits a domain's train templates into train and validation template sets.
-
-    Per attribute, round(fraction * n) of its n train templates (at least 1, at most n - 1) and the
-    same fraction of the train-split entity-bound Wikipedia fragments are held out, at random.
-
-    Args:
-        domain: a `RavelDomain`.
-        fraction: share of train templates held out for validation; 0 = none.
-        seed: seed of the draw.
-
-    Returns:
-        (train_domain, validation_domain, held) where the two domains are copies of `domain` whose
-        "train" templates are the kept and the held-out ones respectively (everything else is
-        marked "val", so train generation never sees it), and held = {attribute: [templates],
-        "wikipedia": [fragments]}. validation_domain is None when fraction is 0.
-    """
-    from hyperdas_jax.data.ravel_raw import RavelError, WikipediaFragment
-
-    if fraction == 0:
-        return domain, None, {}
-    rng = random.Random(f"{seed}/{domain.name}/validation-templates")
-
-    def draw(items: list[str], what: str) -> list[str]:
-        if len(items) < 2:
-            raise RavelError(f"{domain.name}: {what} has {len(items)} train template(s), too few to hold out "
-                             "validation templates (use --validation-fraction 0)")
-        n = min(len(items) - 1, max(1, round(fraction * len(items))))
-        return sorted(rng.sample(items, n))
-
-    held: dict[str, list[str]] = {}
-    for attribute, templates in domain.attribute_templates.items():
-        train = [t for t in templates if domain.template_split[t] == "train"]
-        if attribute in domain.valued_attributes or len(train) >= 2:
-            held[attribute] = draw(train, f"attribute {attribute!r}")
-    fragments = [f.template for f in domain.wikipedia if f.entity is not None and f.split == "train"]
-    held["wikipedia"] = sorted(rng.sample(fragments, round(fraction * len(fragments))))
-    held_templates = {t for a, ts in held.items() if a != "wikipedia" for t in ts}
-    held_fragments = set(held["wikipedia"])
-
-    def relabel(keep_held: bool):
-        def split_of(split: str, is_held: bool) -> str:
-            if split != "train":
-                return split
-            return "train" if is_held == keep_held else "val"
-
-        template_split = {t: split_of(s, t in held_templates) for t, s in domain.template_split.items()}
-        wikipedia = tuple(WikipediaFragment(f.template, split_of(f.split, f.template in held_fragments), f.entity)
-                          for f in domain.wikipedia)
-        return dataclasses.replace(domain, template_split=template_split, wikipedia=wikipedia)
-
-    return relabel(False), relabel(True), held
-
-
-def generate_splits(domain, attributes, *, n_train: int, n_test: int, validation_fraction: float, seed: int,
-                    entity_pools=None, isolate_attributes=None):
-    """Rows of every split for one domain.
-
-    The train templates' n_train rows per attribute are shared out: round(n_train * fraction) to
-    validation (held-out templates), the rest to train; test gets n_test rows per attribute from
-    RAVEL's val + test templates. Each split draws from its own seed (seed, seed + 1, seed + 2).
-    entity_pools and isolate_attributes are passed to every split's `GenerationOptions`.
-
-    Returns:
-        ({split: rows}, held-out templates as in `hold_out_templates`).
-    """
-    from hyperdas_jax.data.ravel_generate import GenerationOptions, generate_rows
-
-    train_domain, val_domain, held = hold_out_templates(domain, validation_fraction, seed)
-    n_val = round(n_train * validation_fraction) if val_domain is not None else 0
-
-    def make(source, n, template_split, split_seed):
-        options = GenerationOptions(domain.name, target_attributes=attributes, n_per_attribute=n,
-                                    template_split=template_split, entity_split="both", seed=split_seed,
-                                    entity_pools=entity_pools, isolate_attributes=isolate_attributes)
-        return generate_rows(source, options)
-
-    rows = {
-        "train": make(train_domain, n_train - n_val, "train", seed),
-        "validation": make(val_domain, n_val, "train", seed + 1) if val_domain is not None else [],
-        "test": make(domain, n_test, "test", seed + 2),
-    }
-    return rows, held
-
-
-def _domain_attributes(domains, wanted: list[str] | None) -> dict[str, tuple[str, ...] | None]:
-    """Per domain, the requested attributes it has (None = all valued attributes)."""
-    from hyperdas_jax.data.ravel_raw import RavelError
-
-    if not wanted:
-        return {d.name: None for d in domains}
-    known = {a for d in domains for a in d.attributes}
-    unknown = [a for a in wanted if a not in known]
-    if unknown:
-        choices = "; ".join(f"{d.name}: {', '.join(d.valued_attributes)}" for d in domains)
-        raise RavelError(f"unknown attribute(s) {', '.join(map(repr, unknown))}; choose from {choices}")
-    out = {}
-    for d in domains:
-        mine = tuple(a for a in wanted if a in d.attributes)
-        if not mine:
-            raise RavelError(f"none of the requested attributes belongs to domain {d.name!r}")
-        out[d.name] = mine
-    return out
-
-
-def _screen_line(report: dict[str, Any]) -> str:
-    screen = report["screen"]
-    if not screen["n_entities"]:
-        return "- entities: drawn from all (no screen)"
-    known = "; ".join(f"{d}: " + ", ".join(f"{a} {r['known']}/{r['probed']}" for a, r in attrs.items())
-                      for d, attrs in screen["domains"].items())
-    return (f"- entities: screened, {screen['n_entities']} per attribute x {screen['n_templates']} train "
-            f"templates, {report['timings']['screen_s']:.1f} s; known: {known}")
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """The human-readable report: settings, rows per split, and per split and domain the filter table."""
-    from hyperdas_jax.data.ravel_filter import format_report
-
-    f = report["filter"]
-    k = "all" if f["n_answer_tokens"] is None else f["n_answer_tokens"]
-    lines = [
-        "# RAVEL data report",
-        "",
-        f"- target: `{report['target']}`",
-        f"- RAVEL: `{report['ravel']}`",
-        f"- domains: {', '.join(report['domains'])}; attributes: {report['attributes'] or 'all with values'}",
-        f"- generated per attribute: train templates {report['n_train']} (validation fraction "
-        f"{report['validation_fraction']}), test templates {report['n_test']}; seed {report['seed']}",
-        f"- filter: rule `{f['rule']}`, " + ("the whole answer" if k == "all" else f"first {k} answer tokens"),
-        f"- isolate rows ask: {', '.join(report['isolate_attributes'] or ['every attribute with values'])}",
-        _screen_line(report),
-        f"- time: {report['timings']['total_s']:.1f} s in all, "
-        f"filter {sum(report['timings']['filter_s'].values()):.1f} s",
-        "",
-        "| split | generated | kept | survival | filter seconds |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for split, s in report["splits"].items():
-        survival = s["kept"] / s["generated"] if s["generated"] else 0.0
-        lines.append(f"| {split} | {s['generated']} | {s['kept']} | {survival:.1%} | {s['filter_s']:.1f} |")
-    for split, s in report["splits"].items():
-        for domain, table in s["filter"].items():
-            lines += ["", f"## {split} / {domain}", "", "```", format_report(table), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Generates, filters and writes every split; returns the report. Raises on bad input, writing nothing."""
-    from hyperdas_jax.atomic import atomic_directory
-    from hyperdas_jax.data import ravel_raw, ravel_store
-    from hyperdas_jax.data.ravel_filter import FilterOptions, filter_rows
-    from hyperdas_jax.data.ravel_raw import RavelError
-    from hyperdas_jax.data.ravel_screen import ScreenOptions, screen_entities
-    from hyperdas_jax.data.target_predict import make_predict_fn
-    from hyperdas_jax.target import load_target, read_model_config
-
-    start = time.time()
-    out = pathlib.Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise RavelError(f"output folder already exists: {out} (pass --overwrite to replace it)")
-    target_dir = pathlib.Path(args.target)
-    read_model_config(target_dir)  # fails fast, before any RAVEL work, on a wrong --target
-    if not any((target_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise RavelError(f"target {target_dir} has no tokenizer files")
-    k = args.n_answer_tokens
-    if k == "auto":
-        k = 3 if args.filter == "strict" else None
-
-    source = ravel_raw.resolve_ravel(args.ravel, args.cache_dir)
-    domains = [ravel_raw.load_domain(source, d) for d in dict.fromkeys(args.domains)]
-    attributes = _domain_attributes(domains, args.attributes)
-    isolates = _domain_attributes(domains, args.isolate_attributes) if args.isolate_attributes else {}
-
-    t0 = time.time()
-    target = load_target(target_dir)
-    if target.tokenizer is None:
-        raise RavelError(f"target {target_dir} has no tokenizer")
-    predict_fn = make_predict_fn(target)
-    load_s = time.time() - t0
-    options = FilterOptions(rule=args.filter, n_answer_tokens=k, batch_size=args.batch_size,
-                            progress=not args.quiet)
-    cache: dict = {}  # every checked (prompt, answer): the screen's probes are not rerun by the filter
-
-    pools, screen = {}, {}
-    t0 = time.time()
-    if args.screen_entities:
-        screen_options = ScreenOptions(n_entities=args.screen_entities, n_templates=args.screen_templates,
-                                       seed=args.seed)
-        for domain in domains:
-            asked = isolates.get(domain.name) or domain.valued_attributes
-            wanted = dict.fromkeys([*(attributes[domain.name] or domain.valued_attributes), *asked])
-            train_domain, _, _ = hold_out_templates(domain, args.validation_fraction, args.seed)
-            print(f"screening {domain.name}: {args.screen_entities} entities x {args.screen_templates} "
-                  f"train templates for {', '.join(wanted)}", flush=True)
-            pools[domain.name], screen[domain.name] = screen_entities(
-                train_domain, list(wanted), target.tokenizer, predict_fn, options, screen_options, cache)
-            for attribute, r in screen[domain.name].items():
-                print(f"  {attribute}: knows {r['known']} of {r['probed']}", flush=True)
-    screen_s = time.time() - t0
-
-    t0 = time.time()
-    rows = {s: {} for s in SPLITS}
-    held = {}
-    for domain in domains:
-        per_split, held[domain.name] = generate_splits(
-            domain, attributes[domain.name], n_train=args.n_train, n_test=args.n_test,
-            validation_fraction=args.validation_fraction, seed=args.seed,
-            entity_pools=pools.get(domain.name), isolate_attributes=isolates.get(domain.name))
-        for split in SPLITS:
-            rows[split][domain.name] = per_split[split]
-    generated_s = time.time() - t0
-    print(f"generated {', '.join(f'{s} {sum(map(len, rows[s].values()))}' for s in SPLITS)} rows "
-          f"in {generated_s:.1f}s", flush=True)
-
-    kept: dict[str, list] = {}
-    splits: dict[str, Any] = {}
-    filter_s: dict[str, float] = {}
-    for split in SPLITS:
-        kept[split], tables, t0 = [], {}, time.time()
-        for domain in domains:
-            todo = rows[split][domain.name]
-            print(f"filtering {split}/{domain.name}: {len(todo)} rows", flush=True)
-            survivors, tables[domain.name] = filter_rows(todo, target.tokenizer, predict_fn, options, cache)
-            kept[split].extend(survivors)
-        filter_s[split] = time.time() - t0
-        splits[split] = {"generated": sum(len(r) for r in rows[split].values()), "kept": len(kept[split]),
-                         "filter_s": filter_s[split], "filter": tables}
-        if not kept[split]:
-            print(f"warning: no {split} row survived the filter", flush=True)
-
-    report = {
-        "target": str(target_dir),
-        "ravel": str(args.ravel),
-        "domains": [d.name for d in domains],
-        "attributes": args.attributes,
-        "n_train": args.n_train,
-        "n_test": args.n_test,
-        "validation_fraction": args.validation_fraction,
-        "seed": args.seed,
-        "isolate_attributes": args.isolate_attributes,
-        "filter": {"rule": args.filter, "n_answer_tokens": k, "batch_size": args.batch_size},
-        "screen": {"n_entities": args.screen_entities, "n_templates": args.screen_templates, "domains": screen,
-                   "pools": pools},
-        "validation_templates": held,
-        "splits": splits,
-        "timings": {"generate_s": generated_s, "load_target_s": load_s, "screen_s": screen_s,
-                    "filter_s": filter_s},
-    }
-
-    with atomic_directory(out) as tmp:
-        for split in SPLITS:
-            generated = [r for d in domains for r in rows[split][d.name]]
-            ravel_store.save_rows(kept[split], tmp / split, columns=list(generated[0]) if generated else ())
-        report["timings"]["total_s"] = time.time() - start
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(report_markdown(report))
-    return report
+from tools.cli import answer_tokens, fraction
 
 
 def main(argv=None) -> int:
@@ -321,12 +30,12 @@ def main(argv=None) -> int:
                         help="intervened attributes (default: every attribute with values)")
     parser.add_argument("--n-train", type=int, default=20_000, help="rows per attribute from train templates")
     parser.add_argument("--n-test", type=int, default=4_000, help="rows per attribute from val+test templates")
-    parser.add_argument("--validation-fraction", type=_fraction, default=0.1,
+    parser.add_argument("--validation-fraction", type=fraction, default=0.1,
                         help="share of train templates (and their rows) held out as validation")
     parser.add_argument("--filter", choices=("strict", "original"), default="strict",
                         help="strict: base answered right (a), verify_text answered right (b), causal values "
                              "differ (c); original: (b) only, as HyperDAS did")
-    parser.add_argument("--n-answer-tokens", type=_answer_tokens, default="auto",
+    parser.add_argument("--n-answer-tokens", type=answer_tokens("auto"), default="auto",
                         help="answer tokens the checks compare, or 'all' (default: 3 for strict, all for original)")
     parser.add_argument("--isolate-attributes", nargs="+", default=None,
                         help="attributes isolate rows may ask (default: every attribute with values)")
@@ -342,20 +51,18 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.ravel is None:
-        from hyperdas_jax.data.ravel_raw import BUNDLED_RAVEL
-
-        args.ravel = str(BUNDLED_RAVEL)
     if min(args.n_train, args.n_test) < 0 or args.batch_size < 1:
         parser.error("--n-train and --n-test must be >= 0 and --batch-size >= 1")
     if args.screen_entities and (args.screen_entities < 2 or args.screen_templates < 1):
         parser.error("--screen-entities must be 0 or >= 2 and --screen-templates >= 1")
 
+    from hyperdas_jax.data.build import BuildOptions, build, report_markdown
     from hyperdas_jax.data.ravel_raw import RavelError
     from hyperdas_jax.target import TargetError
 
+    options = BuildOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOptions)})
     try:
-        report = prepare(args)
+        report = build(options)
     except (RavelError, TargetError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 
-from tools.plan_memory import ensure_devices, parse_mesh
+from hyperdas_jax.memory_plan import ensure_devices, parse_mesh
 
 
 def rows(state, prefix: str):

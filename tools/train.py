@@ -5,7 +5,9 @@
   python -m tools.train --run runs/8b --resume            # continue from the latest checkpoint
 
 The same command runs on every host of a multi-host job (see docs/launch.md). SIGTERM
-(preemption) saves a checkpoint and exits 0; `--resume auto` makes a restart script idempotent.
+(preemption) saves a checkpoint and exits 0, Ctrl-C saves one and exits 130; `--resume auto` makes a
+restart script idempotent. `--resume --set train.steps=N` extends a finished run. A non-finite loss
+or gradient stops training with exit 1 and nothing saved from that step on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ def resolve_config(args):
     raise SystemExit("error: give --config (or --resume on a run that has config.json)")
 
 
+def check_target_path(cfg) -> None:
+    """A missing or unconverted target.path fails here, before any device or checkpoint work starts."""
+    from hyperdas_jax.config import ConfigError
+    from hyperdas_jax.target import TargetError, read_model_config
+
+    if cfg.target.path is not None:
+        try:
+            read_model_config(cfg.target.path)
+        except TargetError as e:
+            raise ConfigError(f"target.path: {e}") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML experiment config (default with --resume: the run's config.json)")
@@ -46,6 +60,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = resolve_config(args)
+        check_target_path(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -53,7 +68,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from hyperdas_jax.loop import train
+    from hyperdas_jax.loop import NonFiniteError, train
     from hyperdas_jax.sharding import mesh_from_config
 
     try:
@@ -67,12 +82,16 @@ def main(argv=None) -> int:
               f"devices, {jax.process_count()} process(es)")
     try:
         result = train(cfg, args.run, resume=args.resume, mesh=mesh, progress=not args.no_progress)
-    except (CheckpointError, ConfigError, ValueError) as e:
+    except (CheckpointError, ConfigError, ValueError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted before a checkpoint could be saved at a step boundary; the run's earlier "
+              "checkpoints (if any) are intact", file=sys.stderr)
+        return 130
     if jax.process_index() == 0:
         print(f"{result.status} at step {result.step}: " + json.dumps(result.metrics))
-    return 0
+    return 130 if result.status == "interrupted" else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hyperdas_jax.config import ExperimentConfig, ModelConfig
+from hyperdas_jax.config import ExperimentConfig, ModelConfig, check_fits_target
 from hyperdas_jax.models.hypernet import HyperNetwork, copy_from_target, editor_config, make_memory, unit_normalise
 from hyperdas_jax.models.intervention import make_subspace, mix_sources, temperature
 from hyperdas_jax.models.layers import remat_module
@@ -29,15 +29,10 @@ class HyperDAS(nnx.Module):
     def __init__(self, target_cfg: ModelConfig, cfg: ExperimentConfig, *, rngs: nnx.Rngs):
         from hyperdas_jax.models.selection import SelectionHead
 
-        if not 0 <= cfg.intervention.layer < target_cfg.num_hidden_layers:
-            raise ValueError(f"intervention.layer={cfg.intervention.layer} must be in [0, "
-                             f"{target_cfg.num_hidden_layers}) for this target")
-        if cfg.intervention.layer == 0 and cfg.intervention.subspace != "none":
-            # As in the original: at the embeddings only the full-vector patch is defined.
-            raise ValueError("intervention.layer=0 requires intervention.subspace=none")
+        check_fits_target(cfg, target_cfg)
         ecfg = editor_config(target_cfg, cfg.hypernet)
         iv = cfg.intervention
-        rank = min(iv.rank, target_cfg.hidden_size)
+        rank = iv.rank
         self.hypernet = HyperNetwork(target_cfg, cfg.hypernet, rngs=rngs)
         self.head = SelectionHead(ecfg, rngs=rngs)
         hidden = iv.mlp_hidden or target_cfg.intermediate_size
@@ -80,6 +75,7 @@ class ForwardSpec:
     break_asymmetric: bool = False
     remat: bool = False
     similarity_prior: float = 0.0  # scale of `selection.similarity_prior` added to the pair logits; 0 = off
+    self_positions: str = "real"  # "real" or "original": see InterventionConfig.self_positions
 
 
 def clean_hidden_states(target: Llama, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -131,7 +127,8 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
         prior = spec.similarity_prior * similarity_prior(hs_base[L], base_iv, batch["base_mask"],
                                                          hs_src[L], src_iv, batch["source_mask"])  # (b, i, j)
     soft = model.head(z_last, pos_last, unit_normalise(hs_base[L]), base_iv, unit_normalise(hs_src[L]), src_iv,
-                      swap=swap, base_attention_mask=batch["base_mask"], prior=prior)
+                      swap=swap, base_attention_mask=batch["base_mask"] if spec.self_positions == "real" else None,
+                      prior=prior)
     a = select(soft, spec.mode, base_entity_pos=batch.get("base_entity_pos"),
                source_entity_pos=batch.get("source_entity_pos"), threshold=spec.bidding_threshold)
 

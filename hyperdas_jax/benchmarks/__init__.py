@@ -1,0 +1,1 @@
+"""Benchmark logic behind tools/bench_*.py (each tool prints its table)."""

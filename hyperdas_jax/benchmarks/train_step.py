@@ -1,0 +1,160 @@
+"""One HyperDAS train step timed against this machine's matmul peak and against the original
+PyTorch implementation's step (tools/bench_train_step.py).
+
+FLOPs are counted analytically from the matmuls (2·m·n·k each; elementwise work, softmax and norms
+are not counted): the two clean target passes (forward only, no LM head), blocks [L, n) and the
+LM head at the label window (forward + input-gradient backward, no weight gradients: the target is
+frozen), and the hypernetwork, selection head and subspace (forward + input and weight gradients =
+3x forward).
+
+The original's step is not run here (it needs the original repository); it was measured once per
+machine kind in plain transformers-torch forwards of the same target at batch 16 x 33 tokens with
+full logits and 2 threads, `ORIGINAL_STEP_FORWARDS`. The benchmark times that forward in the same
+run as our step and reports our step as a multiple of the original's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+# The original HyperDAS train step (SmolLM2, B=16, N=2, L=15, k=128) in units of one
+# transformers-torch SmolLM2 forward (batch 16 x 33 tokens, full logits, 2 threads), measured side
+# by side on each machine kind of this project (float32 / bfloat16 step and forward).
+ORIGINAL_STEP_FORWARDS = {"intel": {"float32": 7.7, "bfloat16": 9.5}, "amd": {"float32": 6.7, "bfloat16": 7.6}}
+TORCH_FORWARD_SHAPE = (16, 33)
+
+
+def cpu_kind() -> str | None:
+    """"intel" or "amd" from /proc/cpuinfo's vendor (None elsewhere)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    if "GenuineIntel" in text:
+        return "intel"
+    if "AuthenticAMD" in text:
+        return "amd"
+    return None
+
+
+def torch_forward_s(model, dtype: str, *, runs: int = 5, shape=TORCH_FORWARD_SHAPE, seed: int = 0) -> float:
+    """Median seconds of one transformers-torch forward with full logits at `shape` (batch, tokens),
+    the model cast to `dtype` ("float32" or "bfloat16") for the measurement and back after."""
+    import torch
+
+    b, t = shape
+    ids = torch.from_numpy(np.random.default_rng(seed).integers(3, model.config.vocab_size, (b, t)))
+    mask = torch.ones_like(ids)
+    model.to(getattr(torch, dtype))
+    try:
+        times = []
+        with torch.inference_mode():
+            for i in range(runs + 2):  # two warm-up calls
+                start = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask).logits.float()
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.to(torch.float32)
+    return statistics.median(times)
+
+
+def original_multiples(step_s: float, forward_s: dict[str, float], kind: str | None) -> dict[str, float]:
+    """Our step as a multiple of the original's per dtype: (factor x forward) / our step; empty when
+    the machine kind has no measured factors."""
+    factors = ORIGINAL_STEP_FORWARDS.get(kind or "", {})
+    return {dtype: factors[dtype] * seconds / step_s for dtype, seconds in forward_s.items() if dtype in factors}
+
+
+def time_step(steps, initial, batch, prepare, key, runs: int) -> tuple[float, float]:
+    """(compile s, median step s) of the train step from `initial` parameters; `prepare` runs inside
+    every timed step (e.g. attaching cached clean states)."""
+    import jax
+
+    params = jax.tree.map(lambda x: x.copy(), initial)  # the step donates its state
+    opt = steps.init_opt_state(params)
+    t0 = time.perf_counter()
+    params, opt, m = steps.train(params, opt, prepare(batch), 0, key)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for i in range(2):
+        params, opt, m = steps.train(params, opt, prepare(batch), i + 1, key)
+    jax.block_until_ready(m)
+    times = []
+    for i in range(runs):
+        t = time.perf_counter()
+        params, opt, m = steps.train(params, opt, prepare(batch), i + 3, key)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return compile_s, statistics.median(times)
+
+
+def matmul_peak(n: int = 2048, runs: int = 5) -> float:
+    """Measured float32 FLOP/s of one jitted n×n×n matmul (median)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int) -> dict[str, float]:
+    """Analytic matmul FLOPs of one train step, by component."""
+    d, n, nk, h, f, v = (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim,
+                         t.intermediate_size, t.vocab_size)
+    layers, L = t.num_hidden_layers, cfg.intervention.layer
+    proj = 2 * d * (2 * n * h + 2 * nk * h)  # q, o + k, v per token
+    mlp = 2 * 3 * d * f
+
+    def block(tokens, seq):  # forward FLOPs of one block over `tokens` rows of length `seq`
+        return tokens * (proj + mlp + 2 * 2 * seq * n * h)
+
+    out = {}
+    out["target clean passes (fwd)"] = layers * (block(b * tb, tb) + block(b * ts, ts))
+    out["target blocks [L,n) + head (fwd+bwd)"] = 2 * ((layers - L) * block(b * tb, tb) + 2 * b * window * d * v)
+    mem_b, mem_s = tb * (layers + 1), ts * (layers + 1)
+    hyper = 0
+    for mem in (mem_s, mem_b):  # cross-attention: q, o on the editor; k, v on the memory
+        hyper += b * (te * 2 * d * 2 * n * h + mem * 2 * d * 2 * nk * h + 2 * 2 * te * mem * n * h)
+    hyper += block(b * te, te)
+    out["hypernetwork (fwd+bwd)"] = 3 * cfg.hypernet.num_layers * hyper
+    head = b * (2 * d * d * (tb + ts) + 2 * d * nk * h * (2 * tb + ts) + 2 * d * n * h)
+    hidden = cfg.intervention.mlp_hidden or f
+    sub = b * (2 * 3 * d * hidden + 2 * 2 * tb * d * cfg.intervention.rank)
+    out["selection head + subspace (fwd+bwd)"] = 3 * (head + sub)
+    return out
+
+
+def synthetic_batch(rng, b, te, tb, ts, vocab, answer=3):
+    """Full-length random prompts with a 3-token answer: the shapes a RAVEL city batch has."""
+    batch = {
+        "editor_ids": rng.integers(3, vocab, (b, te)).astype(np.int32),
+        "editor_mask": np.ones((b, te), np.int32),
+        "base_ids": rng.integers(3, vocab, (b, tb)).astype(np.int32),
+        "base_mask": np.ones((b, tb), np.int32),
+        "source_ids": rng.integers(3, vocab, (b, ts)).astype(np.int32),
+        "source_mask": np.ones((b, ts), np.int32),
+    }
+    batch["base_intervention_mask"] = np.concatenate([np.ones((b, tb - answer - 3)), np.zeros((b, answer + 3))], 1)
+    batch["source_intervention_mask"] = np.concatenate([np.ones((b, ts - 4)), np.zeros((b, 4))], 1)
+    batch["base_intervention_mask"] = batch["base_intervention_mask"].astype(np.int32)
+    batch["source_intervention_mask"] = batch["source_intervention_mask"].astype(np.int32)
+    labels = np.full((b, tb), -100, np.int32)
+    labels[:, -answer:] = batch["base_ids"][:, -answer:]
+    batch["labels"] = labels
+    batch["base_entity_pos"] = np.full(b, tb - answer - 4, np.int32)
+    batch["source_entity_pos"] = np.full(b, ts - 5, np.int32)
+    batch["is_causal"] = np.arange(b) % 2 == 0
+    batch["valid"] = np.ones(b, bool)
+    batch["row_index"] = np.arange(b, dtype=np.int32)
+    return batch

@@ -1,0 +1,1 @@
+"""End-to-end jobs built from the package: the main job and the layer sweep."""

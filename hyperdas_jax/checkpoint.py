@@ -296,6 +296,22 @@ def read_run_config(run_dir: str | pathlib.Path):
         raise CheckpointError(f"{file}: {e}") from None
 
 
+def run_config(run_dir: str | pathlib.Path, config: str | None, overrides=(), *, resume: bool = False):
+    """The ExperimentConfig a training command asks for: the YAML `config` with `overrides`, or, when
+    resuming without one, the run's stored config.json with `overrides` (ConfigError otherwise)."""
+    from hyperdas_jax.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config, to_dict
+
+    if config is not None:
+        return load_config(config, overrides)
+    if resume and (pathlib.Path(run_dir) / "config.json").is_file():
+        try:
+            stored = read_run_config(run_dir)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        return from_dict(ExperimentConfig, apply_overrides(to_dict(stored), list(overrides)))
+    raise ConfigError("give --config (or --resume on a run that has config.json)")
+
+
 def target_tokenizer(cfg):
     """The HF tokenizer saved with a converted target (None for a random target or none saved)."""
     path = cfg.target.path

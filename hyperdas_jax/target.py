@@ -99,6 +99,16 @@ def load_tokenizer(name: str | os.PathLike):
         raise TargetError(f"cannot load a tokenizer from {text!r}: {first}") from None
 
 
+def check_target_path(cfg) -> None:
+    """ConfigError when an ExperimentConfig's target.path is not a converted target (checked before
+    any device or checkpoint work)."""
+    if cfg.target.path is not None:
+        try:
+            read_model_config(cfg.target.path)
+        except TargetError as e:
+            raise ConfigError(f"target.path: {e}") from None
+
+
 def read_model_config(path: str | pathlib.Path, **overrides) -> ModelConfig:
     """The ModelConfig stored in a converted target directory (fields may be overridden, e.g. dtype)."""
     file = pathlib.Path(path) / CONFIG_FILE

@@ -1,5 +1,6 @@
 """Smoke test of tools/bench_forward.py on the real SmolLM2 at a tiny shape."""
 
+import math
 import re
 
 import pytest
@@ -10,15 +11,19 @@ from tools import bench_forward
 pytestmark = pytest.mark.slow
 
 
-def test_bench_forward_prints_both_modes_with_speedups(smollm2_target_dir, capsys):
-    rc = bench_forward.main(["--target", str(smollm2_target_dir), "--runs", "1", "--shapes", "1x4"])
+def test_bench_forward_prints_both_modes_and_dtypes_with_speedups(smollm2_target_dir, capsys):
+    rc = bench_forward.main(["--target", str(smollm2_target_dir), "--runs", "1", "--shapes", "1x4",
+                             "--dtypes", "float32", "bfloat16"])
     out = capsys.readouterr().out
     assert rc == 0, out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "1×4" in line]
-    assert {row.split("|")[1].strip() for row in rows} == set(MODES)
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert re.fullmatch(r"\d+\.\d+x", cells[7]), row  # speed-up torch_ms / ours_ms
-        assert float(cells[7][:-1]) > 0
-        assert float(cells[8]) < 1.0, row  # ours and torch agree (max abs difference)
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert sorted((c[0], c[1]) for c in cells) == sorted((m, d) for m in MODES for d in ("float32", "bfloat16"))
+    for row, c in zip(rows, cells):
+        assert re.fullmatch(r"\d+\.\d+x", c[8]), row  # speed-up torch_ms / ours_ms
+        assert float(c[8][:-1]) > 0
+        if c[1] == "float32":
+            assert float(c[9]) < 1.0, row  # ours and torch agree (max abs difference)
+        else:
+            assert math.isfinite(float(c[9])), row
     assert "torch threads" in out

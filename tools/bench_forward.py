@@ -1,4 +1,4 @@
-"""Time our jitted float32 forward (logits and hidden-states-only) against transformers' torch forward.
+"""Time our jitted forward (logits and hidden-states-only) against transformers' torch forward, same dtype.
 
   python -m tools.bench_forward                       # checkpoints/smollm2, or a fresh conversion
   python -m tools.bench_forward --target checkpoints/smollm2 --runs 20 --shapes 8x16,32x32 --torch-attn eager
@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-attn", choices=("sdpa", "eager"), default="sdpa",
                         help="sdpa (torch's default) is always timed; 'eager' times eager attention as well")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random token ids")
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
+                        help="weights and compute dtype of both sides (default float32)")
     args = parser.parse_args(argv)
 
     import torch
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
 
         load_before = os.getloadavg()[0]
         try:
-            rows = bench(target_dir, args.shapes, args.runs, torch_attns, args.seed, log)
+            rows = [r for dtype in args.dtypes
+                    for r in bench(target_dir, args.shapes, args.runs, torch_attns, args.seed, log, dtype)]
         except (TargetError, ConversionError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -18,17 +18,6 @@ from hyperdas_jax.benchmarks import train_step as bench
 from tools.cli import positive_int
 
 
-def torch_rows(target_dir: pathlib.Path, runs: int) -> dict[str, float]:
-    """Median seconds of the transformers-torch forward the original's step is measured in, per dtype."""
-    import torch
-
-    from hyperdas_jax.benchmarks.forward import load_torch
-
-    torch.set_num_threads(2)  # as the factors were measured
-    model = load_torch(target_dir, "sdpa")
-    return {dtype: bench.torch_forward_s(model, dtype, runs=runs) for dtype in ("float32", "bfloat16")}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smollm2_ravel.yaml")
@@ -64,7 +53,7 @@ def main(argv=None) -> int:
     total, peak = sum(flops.values()), bench.matmul_peak()
     L, n = cfg.intervention.layer, target.config.num_hidden_layers
     on_cpu = jax.devices()[0].platform == "cpu"
-    forward = torch_rows(pathlib.Path(cfg.target.path), args.runs) if cfg.target.path and on_cpu \
+    forward = bench.original_forwards(pathlib.Path(cfg.target.path), args.runs) if cfg.target.path and on_cpu \
         and not args.no_torch else {}
 
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({bench.cpu_kind() or 'cpu kind unknown'}), "

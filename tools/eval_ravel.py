@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
 from tools.cli import answer_tokens
@@ -42,64 +41,26 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from hyperdas_jax.atomic import atomic_directory
     from hyperdas_jax.checkpoint import CheckpointError
-    from hyperdas_jax.config import MODES as KNOWN_MODES
-    from hyperdas_jax.data import collate, ravel_store
     from hyperdas_jax.data.ravel_raw import RavelError
-    from hyperdas_jax.evaluate import evaluate, results_markdown, save_results
-    from hyperdas_jax.target import TargetError, check_tokenizer, load_tokenizer
-    from hyperdas_jax.train import target_config, with_answer_tokens
+    from hyperdas_jax.evaluate import results_markdown
+    from hyperdas_jax.pipeline.eval_run import check_request, evaluate_run
+    from hyperdas_jax.target import TargetError
 
-    out = pathlib.Path(args.out)
     try:
-        bad = [m for m in args.modes if m not in KNOWN_MODES]
-        if bad:
-            raise ValueError(f"unknown mode(s) {bad}; choose from {KNOWN_MODES}")
-        if out.exists() and not args.overwrite:
-            raise ValueError(f"output folder already exists: {out} (pass --overwrite to replace it)")
-        if out.exists() and not (out.is_dir() and (out / "results.json").is_file()):
-            raise ValueError(f"{out} holds no results.json: --overwrite only replaces an earlier evaluation's "
-                             "folder; choose another --out")
-        rows = ravel_store.load_rows(args.data)
-        if args.limit is not None:
-            rows = rows.select(range(min(args.limit, len(rows))))
-        method = load_method(args.run, args.target)
-        cfg = getattr(getattr(method, "steps", None), "cfg", None)
-        k = args.n_answer_tokens
-        if k == "run":
-            k = cfg.eval.n_answer_tokens if cfg is not None else getattr(method, "n_answer_tokens", 3)
-        tokenizer = getattr(method, "tokenizer", None)  # read first: a rebuilt method does not carry it
-        method = with_answer_tokens(method, k)
-        tokenizer_dir = args.tokenizer or (cfg.target.path if cfg is not None else None)
-        if args.tokenizer is not None or tokenizer is None:
-            if tokenizer_dir is None:
-                raise ValueError("no tokenizer: pass --tokenizer DIR")
-            tokenizer = load_tokenizer(tokenizer_dir)
-            if hasattr(method, "steps"):
-                check_tokenizer(tokenizer, target_config(method))
-        batch_size = args.batch_size or (cfg.eval.batch_size if cfg is not None else 16)
-        options = collate.CollateOptions(
-            batch_size=batch_size,
-            base_suffix_visible=cfg.data.base_suffix_visible if cfg is not None else False,
-            source_suffix_visible=cfg.data.source_suffix_visible if cfg is not None else False,
-        )
-        with atomic_directory(out) as tmp:
-            results = evaluate(method, rows, tokenizer, modes=args.modes, collate_options=options,
-                               n_answer_tokens=k, heatmap_dir=tmp / "heatmaps" if args.heatmaps > 0 else None,
-                               n_heatmaps=args.heatmaps, progress=not args.quiet)
-            # Paths in the results name the final folder, not the temporary one.
-            results["heatmaps"] = [str(out / pathlib.Path(p).relative_to(tmp)) for p in results["heatmaps"]]
-            results["data"], results["run"] = str(args.data), str(args.run)
-            save_results(results, tmp)
+        check_request(args.modes, args.out, args.overwrite)
+        results = evaluate_run(load_method(args.run, args.target), args.data, args.out, modes=args.modes,
+                               n_answer_tokens=args.n_answer_tokens, tokenizer=args.tokenizer,
+                               batch_size=args.batch_size, limit=args.limit, heatmaps=args.heatmaps,
+                               overwrite=args.overwrite, progress=not args.quiet, run=args.run)
     except (ValueError, RavelError, TargetError, CheckpointError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted: nothing written to {out}", file=sys.stderr)
+        print(f"interrupted: nothing written to {args.out}", file=sys.stderr)
         return 130
     print(results_markdown(results))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 

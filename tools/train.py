@@ -14,32 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
-
-
-def resolve_config(args):
-    from hyperdas_jax.checkpoint import read_run_config
-    from hyperdas_jax.config import apply_overrides, from_dict, load_config, ExperimentConfig, to_dict
-
-    if args.config is not None:
-        return load_config(args.config, args.set)
-    stored = pathlib.Path(args.run) / "config.json"
-    if args.resume is not None and stored.is_file():
-        return from_dict(ExperimentConfig, apply_overrides(to_dict(read_run_config(args.run)), args.set))
-    raise SystemExit("error: give --config (or --resume on a run that has config.json)")
-
-
-def check_target_path(cfg) -> None:
-    """A missing or unconverted target.path fails here, before any device or checkpoint work starts."""
-    from hyperdas_jax.config import ConfigError
-    from hyperdas_jax.target import TargetError, read_model_config
-
-    if cfg.target.path is not None:
-        try:
-            read_model_config(cfg.target.path)
-        except TargetError as e:
-            raise ConfigError(f"target.path: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -54,12 +29,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from hyperdas_jax.checkpoint import CheckpointError
+    from hyperdas_jax.checkpoint import CheckpointError, run_config
     from hyperdas_jax.config import ConfigError, to_dict
+    from hyperdas_jax.target import check_target_path
     from hyperdas_jax.sharding import maybe_initialize_distributed
 
     try:
-        cfg = resolve_config(args)
+        cfg = run_config(args.run, args.config, args.set, resume=args.resume is not None)
         check_target_path(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

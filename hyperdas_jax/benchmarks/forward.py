@@ -55,11 +55,13 @@ def max_abs_diff(ours: np.ndarray, theirs: np.ndarray) -> float:
     return max(float(np.max(np.abs(a - b))) for a, b in zip(ours, theirs))
 
 
-def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], seed: int, log) -> list[dict]:
+def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], seed: int, log,
+          dtype: str = "float32") -> list[dict]:
     """One row per mode, shape and torch attention: median ms of both sides and their max-abs output difference.
 
-    The torch reference is the model the target was converted from (its conversion.json), in
-    float32. Each side is warmed up (compile + 2 calls), then ours and torch alternate call by
+    The torch reference is the model the target was converted from (its conversion.json). Both
+    sides hold their weights and compute in `dtype` ("float32" or "bfloat16"; logits are float32
+    on both). Each side is warmed up (compile + 2 calls), then ours and torch alternate call by
     call so that a busy spell on the machine lands on both.
     """
     import jax
@@ -69,12 +71,12 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
 
     from hyperdas_jax.target import restore_model
 
-    graphdef, state = nnx.split(restore_model(target_dir))  # load_target minus the tokenizer
+    graphdef, state = nnx.split(restore_model(target_dir, dtype=dtype, param_dtype=dtype))  # minus the tokenizer
     ours_fns = {
         "logits": jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask)),
         "hidden states only": jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).hidden_states(ids, mask)),
     }
-    model = load_torch(target_dir, torch_attns[0])
+    model = load_torch(target_dir, torch_attns[0]).to(getattr(torch, dtype))
     vocab = model.config.vocab_size
 
     def torch_fn(mode, ids, mask):
@@ -95,14 +97,14 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
             compile_ms, ours_out = timed(lambda: fn(state, ids_j, mask_j).block_until_ready())
             for _ in range(WARMUP_CALLS):
                 fn(state, ids_j, mask_j).block_until_ready()
-            ours_out = np.asarray(ours_out)
+            ours_out = np.asarray(ours_out, np.float32)
             diffs = {}
             for attn in torch_attns:
                 model.set_attn_implementation(attn)
                 theirs = torch_fn(mode, ids_t, mask_t)
                 for _ in range(WARMUP_CALLS):
                     torch_fn(mode, ids_t, mask_t)
-                diffs[attn] = max_abs_diff(ours_out, theirs.numpy())
+                diffs[attn] = max_abs_diff(ours_out, theirs.float().numpy())
                 del theirs
             del ours_out
             ours_ms, torch_ms = [], {attn: [] for attn in torch_attns}
@@ -112,7 +114,7 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
                     model.set_attn_implementation(attn)
                     torch_ms[attn].append(timed(lambda: torch_fn(mode, ids_t, mask_t))[0])
             for attn in torch_attns:
-                rows.append(dict(mode=mode, batch=b, tokens=t, attn=attn, ours_ms=statistics.median(ours_ms),
+                rows.append(dict(mode=mode, dtype=dtype, batch=b, tokens=t, attn=attn, ours_ms=statistics.median(ours_ms),
                                  torch_ms=statistics.median(torch_ms[attn]), diff=diffs[attn]))
             log(f"  {mode} {b}x{t}: first call incl. compile {compile_ms / 1e3:.1f} s, "
                 f"programs compiled so far {getattr(fn, '_cache_size', lambda: '?')()}")
@@ -120,12 +122,12 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | batch×tokens | torch attn | ours ms (median) | torch ms (median) | ours tokens/s "
+    lines = ["| mode | dtype | batch×tokens | torch attn | ours ms (median) | torch ms (median) | ours tokens/s "
              "| torch tokens/s | speed-up (torch/ours) | max abs diff |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         n = r["batch"] * r["tokens"]
-        lines.append(f"| {r['mode']} | {r['batch']}×{r['tokens']} | {r['attn']} | {r['ours_ms']:.2f} "
+        lines.append(f"| {r['mode']} | {r['dtype']} | {r['batch']}×{r['tokens']} | {r['attn']} | {r['ours_ms']:.2f} "
                      f"| {r['torch_ms']:.2f} | {n / r['ours_ms'] * 1e3:,.0f} | {n / r['torch_ms'] * 1e3:,.0f} "
                      f"| {r['torch_ms'] / r['ours_ms']:.2f}x | {r['diff']:.2e} |")
     return "\n".join(lines)
@@ -144,5 +146,5 @@ def header(runs: int, load: tuple[float, float]) -> str:
     dev = jax.devices()[0]
     return (f"device: jax {dev.platform} ({len(jax.devices())} device(s)), {cpu}, {os.cpu_count()} cores | "
             f"jax {jax.__version__}, torch {torch.__version__} | torch threads {torch.get_num_threads()} | "
-            f"float32 | median of {runs} runs after compile + {WARMUP_CALLS} warm-up calls | "
+            f"median of {runs} runs after compile + {WARMUP_CALLS} warm-up calls | "
             f"1-min load average {load[0]:.1f} before, {load[1]:.1f} after")

@@ -62,6 +62,18 @@ def torch_forward_s(model, dtype: str, *, runs: int = 5, shape=TORCH_FORWARD_SHA
     return statistics.median(times)
 
 
+def original_forwards(target_dir, runs: int) -> dict[str, float]:
+    """Median seconds of the transformers-torch forward the original's step is counted in, float32 and
+    bfloat16, on the model `target_dir` was converted from, with 2 threads (as the factors were measured)."""
+    import torch
+
+    from hyperdas_jax.benchmarks.forward import load_torch
+
+    torch.set_num_threads(2)
+    model = load_torch(target_dir, "sdpa")
+    return {dtype: torch_forward_s(model, dtype, runs=runs) for dtype in ("float32", "bfloat16")}
+
+
 def original_multiples(step_s: float, forward_s: dict[str, float], kind: str | None) -> dict[str, float]:
     """Our step as a multiple of the original's per dtype: (factor x forward) / our step; empty when
     the machine kind has no measured factors."""

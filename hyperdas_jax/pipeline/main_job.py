@@ -12,6 +12,7 @@ number in the report is read from the evaluator's results.json files.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 
@@ -143,14 +144,18 @@ def learning_curves(curves: dict[str, pathlib.Path], hyperdas_metrics: pathlib.P
     loss_ax.set_ylabel("training loss (weighted)")
     evals = _records(hyperdas_metrics, "eval")
     steps = [r["step"] for r in evals]
+
+    def pct(key):  # an undefined share (no causal row intervened) is logged as null: a gap in the curve
+        return [math.nan if r.get(key) is None else 100 * r[key] for r in evals]
+
     for mode in MODES:
         if evals and f"{mode}/disentangle" in evals[0]:
-            score_ax.plot(steps, [100 * r[f"{mode}/disentangle"] for r in evals], marker="o", label=mode)
+            score_ax.plot(steps, pct(f"{mode}/disentangle"), marker="o", label=mode)
         if evals and f"{mode}/entity_share" in evals[0]:
-            loc_ax.plot(steps, [100 * r[f"{mode}/entity_share"] for r in evals], marker="o", label=f"{mode} entity pair")
+            loc_ax.plot(steps, pct(f"{mode}/entity_share"), marker="o", label=f"{mode} entity pair")
         if mode == "soft" and evals and "soft/self_entity" in evals[0]:
-            loc_ax.plot(steps, [100 * r["soft/self_entity"] for r in evals], ls="--", label="soft SELF at base entity")
-            loc_ax.plot(steps, [100 * r["soft/self_other"] for r in evals], ls=":", label="soft SELF elsewhere")
+            loc_ax.plot(steps, pct("soft/self_entity"), ls="--", label="soft SELF at base entity")
+            loc_ax.plot(steps, pct("soft/self_other"), ls=":", label="soft SELF elsewhere")
     score_ax.axhline(50, color="grey", lw=0.8, ls="--", label="no intervention")
     score_ax.set_ylabel("HyperDAS validation disentangle (%)")
     loc_ax.set_ylabel("validation causal rows (%)")

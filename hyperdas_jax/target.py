@@ -35,12 +35,7 @@ def save_target(out: str | pathlib.Path, model: Llama, tokenizer=None, *, info: 
     (loadable with `AutoTokenizer.from_pretrained(out)`), and `conversion.json` (provenance).
     """
     out = pathlib.Path(out).absolute()
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise TargetError(f"{out} already exists (pass --overwrite to replace it)")
-        if not is_target_dir(out):
-            raise TargetError(f"{out} is not a converted target ({CONFIG_FILE} and {INFO_FILE} missing): "
-                              "--overwrite only replaces what the converter wrote; choose another --out")
+    check_replaceable(out, overwrite)
     check_finite(model)
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.config)
@@ -58,6 +53,17 @@ def save_target(out: str | pathlib.Path, model: Llama, tokenizer=None, *, info: 
 def is_target_dir(path: pathlib.Path) -> bool:
     """Whether `path` is a folder the converter wrote (its config and provenance files are there)."""
     return path.is_dir() and not path.is_symlink() and (path / CONFIG_FILE).is_file() and (path / INFO_FILE).is_file()
+
+
+def check_replaceable(out: pathlib.Path, overwrite: bool) -> None:
+    """TargetError unless a target may be written to `out`: it is free, or `overwrite` is set and it
+    holds a target the converter wrote (never a folder or file it did not write)."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise TargetError(f"{out} already exists (pass --overwrite to replace it)")
+        if not is_target_dir(out):
+            raise TargetError(f"{out} is not a converted target ({CONFIG_FILE} and {INFO_FILE} missing): "
+                              "--overwrite only replaces what the converter wrote; choose another --out")
 
 
 def check_finite(model: Llama) -> None:

@@ -32,13 +32,13 @@ def main(argv=None) -> int:
     from hyperdas_jax.clean_states import CleanStateCache
     from hyperdas_jax.config import load_config
     from hyperdas_jax.models.hyperdas import build_hyperdas
-    from hyperdas_jax.convert.to_target import convert
-    from hyperdas_jax.target import CONFIG_FILE, Target, build_target
+    from hyperdas_jax.pipeline.main_job import ensure_smollm2
+    from hyperdas_jax.target import Target, build_target
     from hyperdas_jax.train import Steps, label_window
 
     cfg = load_config(args.config, args.set)
-    if cfg.target.path and not (pathlib.Path(cfg.target.path) / CONFIG_FILE).is_file():
-        convert("smollm2", cfg.target.path)  # the default config's embedded target, converted once
+    if cfg.target.path:
+        ensure_smollm2(pathlib.Path(cfg.target.path))  # the default config's embedded target, converted once
     target = Target(build_target(cfg, None))
     te, tb, ts = (int(x) for x in args.tokens.split(","))
     b = cfg.train.batch_size

@@ -12,14 +12,10 @@ def convert(source: str, out: str, *, param_dtype: str | None = None, overwrite:
     """Converts `source` and writes the target checkpoint to `out` (atomically). Returns the path."""
     from hyperdas_jax.convert import gguf_llama, hf_llama
     from hyperdas_jax.config import ModelConfig
-    from hyperdas_jax.target import is_target_dir, load_tokenizer, save_target
+    from hyperdas_jax.target import check_replaceable, load_tokenizer, save_target
 
     out_path = pathlib.Path(out)
-    if out_path.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists (pass --overwrite to replace it)")
-    if out_path.exists() and not is_target_dir(out_path):
-        raise ConversionError(f"{out} is not a converted target (model_config.json and conversion.json missing): "
-                              "--overwrite only replaces what this tool wrote; choose another --out")
+    check_replaceable(out_path, overwrite)  # before any loading; save_target checks again when it writes
     overrides = {"param_dtype": param_dtype} if param_dtype else {}
     src = pathlib.Path(source)
     tok = None

@@ -351,8 +351,13 @@ def truncate_metrics(path: pathlib.Path, step: int) -> None:
             continue
         if not isinstance(record, dict) or record.get("step", 0) <= step:
             kept.append(line + "\n")
+    replace_text(path, "".join(kept))
+
+
+def replace_text(path: pathlib.Path, text: str) -> None:
+    """Writes `path` whole or not at all (a sibling temporary file renamed over it)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -448,9 +453,7 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
             raise ConfigError(f"train.steps={t.steps} is below the checkpoint's step {start}; resume with "
                               f"train.steps >= {start}")
         if lead and stored != to_dict(cfg):  # config.json describes the run as it continues
-            tmp = run / "config.json.tmp"
-            tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-            os.replace(tmp, run / "config.json")
+            replace_text(run / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         if _get(stored, "train.steps") != t.steps and lead:
             print(f"extending the run from train.steps={_get(stored, 'train.steps')} to {t.steps}: the sparsity "
                   "and temperature schedules follow the new length", file=sys.stderr)

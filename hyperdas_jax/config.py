@@ -386,14 +386,14 @@ class SparsityConfig:
     _where = "train.sparsity"
 
     enabled: bool = True
-    schedule: str = "linear"  # "linear" (HEAD) or "constant" (the paper's result-time setting)
+    schedule: str = "linear"  # "linear" (HEAD), "ramp" (no jump after the warm-up) or "constant" (the paper's)
     start: float = 0.15
     end: float = 1.5
     warmup_ratio: float = 0.5
 
     def __post_init__(self):
-        if self.schedule not in ("linear", "constant"):
-            raise ConfigError(f"train.sparsity.schedule must be 'linear' or 'constant', got {self.schedule!r}")
+        if self.schedule not in ("linear", "ramp", "constant"):
+            raise ConfigError(f"train.sparsity.schedule must be 'linear', 'ramp' or 'constant', got {self.schedule!r}")
         _at_least(self, "start end", 0)
         require(0 <= self.warmup_ratio < 1, f"train.sparsity.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
 

@@ -306,6 +306,18 @@ def test_sparsity_weight_schedule():
         sparsity_weight(0, 10, start=0.1, end=1.0, schedule="cosine")
 
 
+def test_sparsity_weight_ramp_starts_after_the_warmup():
+    # "ramp": 0 before step int(r*T), then linspace(start, end) over the remaining steps: no jump.
+    ramp = lambda s: float(sparsity_weight(s, 10, start=0.15, end=1.5, warmup_ratio=0.4, schedule="ramp"))  # noqa: E731
+    expected = [0.0] * 4 + list(np.linspace(0.15, 1.5, 7))
+    assert [ramp(s) for s in range(11)] == pytest.approx(expected, abs=1e-6)
+    assert ramp(25) == pytest.approx(1.5, abs=1e-7)  # held at `end` past the last step
+    no_warmup = lambda s: float(sparsity_weight(s, 10, start=0.15, end=1.5, schedule="ramp"))  # noqa: E731
+    assert [no_warmup(s) for s in range(11)] == pytest.approx(list(np.linspace(0.15, 1.5, 11)), abs=1e-6)
+    traced = jax.jit(lambda s: sparsity_weight(s, 10, start=0.15, end=1.5, warmup_ratio=0.4, schedule="ramp"))
+    assert [float(traced(jnp.asarray(s))) for s in (3, 4, 7)] == pytest.approx([0.0, 0.15, 0.825], abs=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Similarity prior on the selection logits
 

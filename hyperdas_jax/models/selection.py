@@ -290,20 +290,23 @@ def sparsity_weight(step: int | jax.Array, total_steps: int, *, start: float, en
                     warmup_ratio: float = 0.0, schedule: str = "linear") -> jax.Array:
     """Sparsity-loss weight λ at `step`; `step` may be traced, the rest are static config values.
 
-    "linear": linspace(start, end, total_steps + 1)[step], forced to 0 for
-    step < int(warmup_ratio·total_steps); the ramp is not restarted after the warm-up, so the
-    weight jumps to the linspace value there (as in the original). "constant": `start` at
-    every step (the setting of the paper's main-table runs, 0.25).
+    With w = int(warmup_ratio·total_steps) (Python's truncation, as the original):
+    "linear": linspace(start, end, total_steps + 1)[step], forced to 0 for step < w; the ramp is
+    not restarted after the warm-up, so the weight jumps to the linspace value there (as in the
+    original). "ramp": 0 for step < w, then linear from `start` at step w to `end` at
+    `total_steps` (no jump; an addition, not in the original). "constant": `start` at every step
+    (the setting of the paper's main-table runs, 0.25).
 
     Returns:
       Scalar float32.
     """
     if schedule == "constant":
         return jnp.asarray(start, jnp.float32)
-    if schedule != "linear":
-        raise ValueError(f"unknown sparsity schedule {schedule!r}; expected 'linear' or 'constant'")
-    warmup = int(warmup_ratio * total_steps)  # Python int(): the same truncation as the original
+    if schedule not in ("linear", "ramp"):
+        raise ValueError(f"unknown sparsity schedule {schedule!r}; expected 'linear', 'ramp' or 'constant'")
+    warmup = int(warmup_ratio * total_steps)
     step = jnp.asarray(step)
-    t = jnp.clip(step, 0, total_steps).astype(jnp.float32) / max(total_steps, 1)
+    begin = warmup if schedule == "ramp" else 0
+    t = jnp.clip(step - begin, 0, total_steps - begin).astype(jnp.float32) / max(total_steps - begin, 1)
     weight = start * (1.0 - t) + end * t  # exact at both ends
     return jnp.where(step < warmup, 0.0, weight).astype(jnp.float32)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from hyperdas_jax.checkpoint import CheckpointError, RunCheckpoints, abstract_like, target_tokenizer
 from hyperdas_jax.clean_states import make_cache
-from hyperdas_jax.config import ConfigError, ExperimentConfig, check_fits_target, to_dict
+from hyperdas_jax.config import ConfigError, ExperimentConfig, check_fits_target, from_dict, to_dict
 from hyperdas_jax.models.hyperdas import HyperDAS, build_hyperdas
 from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.sharding import (
@@ -398,6 +398,15 @@ def config_differences(stored: Mapping, current: Mapping, prefix: str = "") -> l
 
 
 def check_resume_config(stored: Mapping, current: Mapping, where: str) -> None:
+    """Refuses a resume whose config differs from the checkpoint's outside RESUMABLE_CHANGES.
+
+    A field the stored config lacks (written by an older version, before the field existed) takes its
+    default, which keeps the older behaviour.
+    """
+    try:
+        stored = to_dict(from_dict(ExperimentConfig, dict(stored)))
+    except ConfigError:
+        pass  # compared as stored: the differences name the fields
     bad = [k for k in config_differences(stored, current) if not k.startswith(RESUMABLE_CHANGES)]
     if bad:
         shown = ", ".join(f"{k} (checkpoint: {_get(stored, k)!r}, now: {_get(current, k)!r})" for k in bad[:6])

@@ -158,6 +158,13 @@ def test_mismatched_checkpoint_is_a_clear_error(saved, tmp_path):
     # Cadence and evaluation settings may change on resume.
     check_resume_config(to_dict(cfg), to_dict(load_config("configs/tiny.yaml", OVERRIDES + [
         "train.checkpoint_every=7", "eval.modes=[soft]", "mesh.shape=[1,8,1]"])), "here")
+    # A checkpoint written before a field existed resumes: the missing field takes its default.
+    older = to_dict(cfg)
+    del older["intervention"]["self_positions"]
+    check_resume_config(older, to_dict(cfg), "here")
+    with pytest.raises(CheckpointError, match="intervention.self_positions \\(checkpoint: 'real', now: 'original'\\)"):
+        check_resume_config(older, to_dict(load_config("configs/tiny.yaml", OVERRIDES + [
+            "intervention.self_positions=original"])), "here")
 
 
 def test_best_falls_back_to_latest_when_nothing_was_evaluated(saved, tmp_path, capsys):

@@ -397,16 +397,21 @@ def config_differences(stored: Mapping, current: Mapping, prefix: str = "") -> l
     return out
 
 
+def with_defaults(stored: Mapping) -> Mapping:
+    """A stored config dict with the fields it lacks (it predates them) at their defaults; as stored if invalid."""
+    try:
+        return to_dict(from_dict(ExperimentConfig, dict(stored)))
+    except ConfigError:
+        return stored  # compared as stored: the differences name the fields
+
+
 def check_resume_config(stored: Mapping, current: Mapping, where: str) -> None:
     """Refuses a resume whose config differs from the checkpoint's outside RESUMABLE_CHANGES.
 
     A field the stored config lacks (written by an older version, before the field existed) takes its
     default, which keeps the older behaviour.
     """
-    try:
-        stored = to_dict(from_dict(ExperimentConfig, dict(stored)))
-    except ConfigError:
-        pass  # compared as stored: the differences name the fields
+    stored = with_defaults(stored)
     bad = [k for k in config_differences(stored, current) if not k.startswith(RESUMABLE_CHANGES)]
     if bad:
         shown = ", ".join(f"{k} (checkpoint: {_get(stored, k)!r}, now: {_get(current, k)!r})" for k in bad[:6])

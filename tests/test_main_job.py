@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from hyperdas_jax.config import to_dict
 from hyperdas_jax.pipeline.main_job import report_rows
 from tools import main_job
 
@@ -43,3 +44,26 @@ def test_quick_main_job_report_matches_the_evaluator(tmp_path, smollm2_target_di
     # Rerunning skips every finished stage and rewrites the same report, wall times included.
     assert main_job.main(args) == 0
     assert (run / "report.md").read_text() == report
+
+
+def test_main_job_refuses_to_reuse_a_stage_trained_with_other_settings(tmp_path, capsys):
+    from hyperdas_jax.mdas import TRAIN_OVERRIDES
+    from hyperdas_jax.pipeline import main_job as job
+
+    target, data = tmp_path / "target", tmp_path / "data"
+    args = ["--quick", "--target", str(target), "--reports", str(tmp_path / "reports"), "--data", str(data)]
+    run = tmp_path / "reports" / "quick"
+    cfg = job.experiment(data / "smollm2_city_quick", target, job.PRESETS["quick"]["hyperdas"])
+    mdas_cfg = job.experiment(data / "smollm2_city_quick", target, [*TRAIN_OVERRIDES, *job.PRESETS["quick"]["mdas"]])
+    for folder, settings in ((run / "hyperdas", cfg), (run / "mdas", mdas_cfg)):
+        folder.mkdir(parents=True)
+        changed = to_dict(settings)
+        changed["train"]["iso_loss_weight"] = 9.0
+        (folder / "config.json").write_text(json.dumps(changed))
+    assert main_job.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hyperdas holds a HyperDAS run made with other settings (train.iso_loss_weight)" in err
+    (run / "hyperdas" / "config.json").write_text(json.dumps(to_dict(cfg)))  # the same settings pass
+    assert main_job.main(args) == 1
+    assert "mdas holds a MDAS run made with other settings (train.iso_loss_weight)" in capsys.readouterr().err
+    assert not target.exists() and not data.exists()  # refused before any work

@@ -47,6 +47,24 @@ class JobStopped(RuntimeError):
 
 
 
+def check_settings(folder: pathlib.Path, settings: dict, stage: str) -> None:
+    """Refuses to reuse `folder` when the stage's settings changed since it ran there.
+
+    Without this check a rerun after a change of configs/smollm2_ravel.yaml (or of the package's
+    defaults) would skip the finished stage and report its old results under the new settings.
+    """
+    from hyperdas_jax.loop import config_differences, with_defaults
+
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    changed = config_differences(with_defaults(json.loads(path.read_text())), settings)
+    if changed:
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise JobStopped(f"{folder} holds a {stage} run made with other settings ({shown}); delete that "
+                         "folder to redo the stage with the current ones, or pass --run NAME for a new report")
+
+
 def ensure_smollm2(path: pathlib.Path) -> bool:
     """Converts the embedded SmolLM2 into `path` unless a converted copy is already there; True if it did."""
     from hyperdas_jax.convert.to_target import convert
@@ -281,16 +299,21 @@ def run(*, quick: bool = False, name: str | None = None, target: str = "checkpoi
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
         start = time.time()
 
-    target_dir = pathlib.Path(target)
-    lap("convert SmolLM2", ensure_smollm2(target_dir))
-    data = pathlib.Path(data) / f"smollm2_city_{kind}"
-    lap("build RAVEL city", ensure_data(target_dir, data, preset))
-
+    from hyperdas_jax.config import to_dict
     from hyperdas_jax.data.ravel_store import load_rows
     from hyperdas_jax.mdas import TRAIN_OVERRIDES as MDAS_OVERRIDES, row_task_ids, train_mdas
     from hyperdas_jax.target import load_target
 
+    target_dir = pathlib.Path(target)
+    data = pathlib.Path(data) / f"smollm2_city_{kind}"
     cfg = experiment(data, target_dir, preset["hyperdas"])
+    mdas_cfg = experiment(data, target_dir, [*MDAS_OVERRIDES, *preset["mdas"]])
+    mdas_dir = run / "mdas"
+    check_settings(run / "hyperdas", to_dict(cfg), "HyperDAS")  # before any work
+    check_settings(mdas_dir, to_dict(mdas_cfg), "MDAS")
+
+    lap("convert SmolLM2", ensure_smollm2(target_dir))
+    lap("build RAVEL city", ensure_data(target_dir, data, preset))
     method, ran = train_hyperdas(cfg, run / "hyperdas")
     lap("train HyperDAS", ran)
     target = load_target(target_dir)
@@ -301,12 +324,11 @@ def run(*, quick: bool = False, name: str | None = None, target: str = "checkpoi
     hyper_results = evaluate_method(method, test_rows, target.tokenizer, cfg, run / "hyperdas" / "eval", MODES)
     lap("evaluate HyperDAS", ran)
 
-    mdas_cfg = experiment(data, target_dir, [*MDAS_OVERRIDES, *preset["mdas"]])
-    mdas_dir = run / "mdas"
     mdas_dir.mkdir(exist_ok=True)
     ran = not (mdas_dir / "eval" / "results.json").is_file()
     mdas = None
     if ran:
+        (mdas_dir / "config.json").write_text(json.dumps(to_dict(mdas_cfg), indent=2) + "\n")
         mdas = train_mdas(target.model, mdas_cfg, load_rows(data / "train"), target.tokenizer,
                           metrics_path=mdas_dir / "metrics.jsonl")
         mdas = mdas.with_rows(row_task_ids(test_rows, mdas.tasks)[0])

@@ -469,7 +469,8 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
         if lead and stored != to_dict(cfg):  # config.json describes the run as it continues
             replace_text(run / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         if _get(stored, "train.steps") != t.steps and lead:
-            print(f"extending the run from train.steps={_get(stored, 'train.steps')} to {t.steps}: the sparsity "
+            verb = "extending" if t.steps > _get(stored, "train.steps") else "shortening"
+            print(f"{verb} the run from train.steps={_get(stored, 'train.steps')} to {t.steps}: the sparsity "
                   "and temperature schedules follow the new length", file=sys.stderr)
 
     target = build_target(cfg, mesh)

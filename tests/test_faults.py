@@ -133,8 +133,9 @@ def test_nonfinite_loss_stops_before_saving_and_names_the_last_good_checkpoint(c
 
 def test_ctrl_c_saves_resume_extends_and_a_damaged_checkpoint_names_the_others(cli, tmp_path):
     run = tmp_path / "run"
-    sets = ["train.steps=8", "train.checkpoint_every=2"]
-    proc = cli.start(run, *sets)
+    every = "train.checkpoint_every=2"
+    # Far more steps than are reached: the interrupt lands mid-run however the two processes are scheduled.
+    proc = cli.start(run, "train.steps=400", every)
     deadline = time.time() + 240
     while len(logged_steps(run)) < 3:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -144,23 +145,26 @@ def test_ctrl_c_saves_resume_extends_and_a_damaged_checkpoint_names_the_others(c
     assert code == 130 and "interrupted at step" in out, out + err
     assert "Traceback" not in err, err
     saved = RunCheckpoints(run / "checkpoints", read_only=True).latest_step()
-    assert 3 <= saved < 8 and strict_json_lines(run / "metrics.jsonl")[-1] == {"event": "interrupted", "step": saved}
+    assert 3 <= saved < 400 and strict_json_lines(run / "metrics.jsonl")[-1] == {"event": "interrupted", "step": saved}
 
-    code, out, err = cli.finish(cli.start(run, *sets, resume=True))
-    assert code == 0 and "finished at step 8" in out, out + err
-    code, out, err = cli.finish(cli.start(run, "train.steps=10", "train.checkpoint_every=2", resume=True))
-    assert code == 0 and "finished at step 10" in out and "extending the run" in err, out + err
-    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 10
-    assert logged_steps(run) == list(range(1, 11))  # the steps replayed after the interrupt are logged once
+    end = saved + 3
+    code, out, err = cli.finish(cli.start(run, f"train.steps={end}", every, resume=True))
+    assert code == 0 and f"finished at step {end}" in out and "shortening the run" in err, out + err
+    code, out, err = cli.finish(cli.start(run, f"train.steps={end + 2}", every, resume=True))
+    assert code == 0 and f"finished at step {end + 2}" in out and "extending the run" in err, out + err
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == end + 2
+    assert logged_steps(run) == list(range(1, end + 3))  # the steps replayed after the interrupt are logged once
 
     # Damage the latest checkpoint's array files: resuming names the intact ones.
-    for f in (run / "checkpoints" / "10" / "params").rglob("*"):
+    kept = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept[-1] == end + 2 and len(kept) >= 2
+    for f in (run / "checkpoints" / str(end + 2) / "params").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
-    code, out, err = cli.finish(cli.start(run, "train.steps=12", "train.checkpoint_every=2", resume=True))
+    code, out, err = cli.finish(cli.start(run, f"train.steps={end + 4}", every, resume=True))
     assert code == 1
     assert_one_error_line(err, "corrupt or incomplete")
-    assert "--resume 8" in err, err
+    assert f"--resume {kept[-2]}" in err, err
 
 
 # --------------------------------------------------------------------------------------------

@@ -125,15 +125,17 @@ def _abandoned_read(unraisable) -> bool:
 def _quiet_abandoned_reads():
     """A failed Orbax restore abandons its other reads; Python would print a traceback for each one
     ("Exception ignored in: <coroutine ...>", "RuntimeError: Event loop is closed") whenever they
-    end, up to interpreter exit. After a failure those, and only those, are dropped, so the
+    end, up to interpreter exit, and some end while the failing restore is still unwinding. Those,
+    and only those, are dropped from the start of the read (and after a failure until exit), so the
     one-line CheckpointError is all a user sees."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if _abandoned_read(u) else previous(u)
     try:
         yield
     except Exception:
-        previous = sys.unraisablehook
-        sys.unraisablehook = lambda u: None if _abandoned_read(u) else previous(u)
         gc.collect()
         raise
+    sys.unraisablehook = previous
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -176,3 +177,26 @@ def test_best_falls_back_to_latest_when_nothing_was_evaluated(saved, tmp_path, c
     assert ckpt.best_step() is None and ckpt.resolve("best") == 6
     assert "carries an evaluation 'accuracy'; using the latest, step 6" in capsys.readouterr().err
     ckpt.close()
+
+
+def test_abandoned_reads_are_quiet_while_a_restore_fails_and_after(monkeypatch):
+    # TensorStore reports a read that finds the restore's event loop closed through sys.unraisablehook
+    # (object None), sometimes while the failing restore is still unwinding: dropped then and afterwards.
+    import types
+
+    from hyperdas_jax.checkpoint import _quiet_abandoned_reads
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None)
+    other = types.SimpleNamespace(exc_value=ValueError("a real problem"), object=None)
+    with _quiet_abandoned_reads():  # a successful read: the user's hook comes back afterwards
+        sys.unraisablehook(closed)
+    assert seen == [] and sys.unraisablehook == seen.append
+    with pytest.raises(OSError):
+        with _quiet_abandoned_reads():
+            sys.unraisablehook(closed)  # during the failure
+            sys.unraisablehook(other)
+            raise OSError("damaged")
+    sys.unraisablehook(closed)  # after it
+    assert seen == [other]

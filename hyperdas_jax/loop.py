@@ -470,8 +470,8 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
             replace_text(run / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
         if _get(stored, "train.steps") != t.steps and lead:
             verb = "extending" if t.steps > _get(stored, "train.steps") else "shortening"
-            print(f"{verb} the run from train.steps={_get(stored, 'train.steps')} to {t.steps}: the sparsity "
-                  "and temperature schedules follow the new length", file=sys.stderr)
+            print(f"{verb} the run from train.steps={_get(stored, 'train.steps')} to {t.steps}: the sparsity, "
+                  "temperature and learning-rate schedules follow the new length", file=sys.stderr)
 
     target = build_target(cfg, mesh)
     tokenizer = target_tokenizer(cfg)

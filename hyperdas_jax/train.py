@@ -86,8 +86,18 @@ def param_group(path) -> str:
     return "default"
 
 
+def lr_scale(cfg: TrainConfig) -> optax.Schedule:
+    """Factor on every learning rate at update `count`: 1, then linearly to 0 over the last lr_decay_ratio."""
+    decay = round(cfg.lr_decay_ratio * cfg.steps)
+    return optax.linear_schedule(1.0, 0.0, transition_steps=max(decay, 1), transition_begin=cfg.steps - decay)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm, then per-group AdamW (β 0.9/0.999, ε 1e-8), constant learning rates (§7.3)."""
+    """clip_by_global_norm, then per-group AdamW (β 0.9/0.999, ε 1e-8), constant learning rates (§7.3).
+
+    With `lr_decay_ratio` > 0 every group's update (weight decay included) is scaled by `lr_scale`; at 0 the
+    optimizer state has the original's structure, so older checkpoints resume.
+    """
     groups = {
         "default": optax.adamw(cfg.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
         "rotate": optax.adamw(cfg.rotate_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
@@ -96,7 +106,10 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                             weight_decay=cfg.weight_decay),
     }
     labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)  # noqa: E731
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(groups, labels))
+    parts = [optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(groups, labels)]
+    if cfg.lr_decay_ratio > 0:
+        parts.append(optax.scale_by_schedule(lr_scale(cfg)))
+    return optax.chain(*parts)
 
 
 # --------------------------------------------------------------------------------------------

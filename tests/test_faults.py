@@ -48,6 +48,7 @@ def strict_json_lines(path: pathlib.Path) -> list[dict]:
     ("train.batch_size=0", "train.batch_size must be >= 1"),
     ("eval.batch_size=0", "eval.batch_size must be >= 1"),
     ("train.sparsity.warmup_ratio=1.5", "train.sparsity.warmup_ratio must be in [0, 1)"),
+    ("train.lr_decay_ratio=-0.1", "train.lr_decay_ratio must be in [0, 1]"),
     ("intervention.rank=65", "intervention.rank=65 exceeds the target's hidden size 64"),
     ("intervention.layer=9", "intervention.layer=9 must be below the target's 2 layers"),
 ])

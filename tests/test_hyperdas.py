@@ -243,6 +243,31 @@ def test_head_lr_moves_only_the_selection_head():
             np.testing.assert_array_equal(a1, a0)
 
 
+@pytest.mark.parametrize("ratio, scales", [
+    (0.3, [1, 1, 1, 1, 1, 1, 1, 1, 2 / 3, 1 / 3]),  # 10 steps: constant for 7, then linearly towards 0
+    (1.0, [1 - t / 10 for t in range(10)]),
+])
+def test_lr_decay_scales_every_group_over_the_last_steps(ratio, scales):
+    """train.lr_decay_ratio: update t of every group (weight decay included) is the constant-lr update times scales[t]."""
+    from hyperdas_jax.config import TrainConfig
+    from hyperdas_jax.train import make_optimizer
+
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(np.float32, {"head": {"w": rng.normal(size=3)}, "body": {"rotate_layer": rng.normal(size=2)},
+                                      "x": rng.normal(size=4)})
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    const, decayed = (make_optimizer(TrainConfig(steps=10, head_lr=1e-2, lr_decay_ratio=r)) for r in (0.0, ratio))
+    s0, s1 = const.init(params), decayed.init(params)
+    for t in range(10):  # the same params each time: only the schedule separates the two updates
+        u0, s0 = const.update(grads, s0, params)
+        u1, s1 = decayed.update(grads, s1, params)
+        for a, b in zip(jax.tree.leaves(u0), jax.tree.leaves(u1)):
+            assert np.abs(a).min() > 0
+            np.testing.assert_allclose(b, scales[t] * a, rtol=1e-6, atol=1e-12)
+    # off: the optimizer state keeps the original's structure (older checkpoints resume)
+    assert len(const.init(params)) == 2 and len(s1) == 3
+
+
 def test_similarity_prior_switch_changes_the_selection_only_when_on(setup):
     cfg, target, steps = setup
     batch = make_batch(np.random.default_rng(8))

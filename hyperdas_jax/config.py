@@ -354,6 +354,9 @@ class InterventionConfig:
     layer: int = 15  # patches hs[layer], the residual stream entering block `layer`
     subspace: str = "reflect"
     rank: int = 128
+    # Beyond the paper: ReflectSelect's number of instruction-dependent Householder reflections,
+    # W = H_m···H_1 R (1 = the original, where any two concepts' subspaces share at least rank − 2 dimensions).
+    reflections: int = 1
     mlp_hidden: int | None = None  # ReflectSelect/MaskSelect MLP width; None: the target's intermediate size
     temperature_start: float = 50.0
     temperature_end: float = 0.1
@@ -373,7 +376,10 @@ class InterventionConfig:
         if self.subspace not in SUBSPACES:
             raise ConfigError(f"intervention.subspace must be one of {SUBSPACES}, got {self.subspace!r}")
         _at_least(self, "layer rank", 0)
-        _at_least(self, "rank mlp_hidden", 1)
+        _at_least(self, "rank mlp_hidden reflections", 1)
+        require(self.reflections == 1 or self.subspace == "reflect",
+                f"intervention.reflections={self.reflections} needs intervention.subspace=reflect, "
+                f"got {self.subspace!r}")
         _at_least(self, "temperature_start temperature_end", 0, strict=True)
         require(0 <= self.bidding_threshold <= 1,
                 f"intervention.bidding_threshold must be in [0, 1], got {self.bidding_threshold!r}")

@@ -49,13 +49,16 @@ def strict_json_lines(path: pathlib.Path) -> list[dict]:
     ("eval.batch_size=0", "eval.batch_size must be >= 1"),
     ("train.sparsity.warmup_ratio=1.5", "train.sparsity.warmup_ratio must be in [0, 1)"),
     ("train.lr_decay_ratio=-0.1", "train.lr_decay_ratio must be in [0, 1]"),
+    ("intervention.reflections=0", "intervention.reflections must be >= 1"),
+    ("intervention.reflections=2 intervention.subspace=das",
+     "intervention.reflections=2 needs intervention.subspace=reflect"),
     ("intervention.rank=65", "intervention.rank=65 exceeds the target's hidden size 64"),
     ("intervention.layer=9", "intervention.layer=9 must be below the target's 2 layers"),
 ])
 def test_bad_config_values_are_one_line_errors_and_write_nothing(override, match, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["--config", "configs/tiny.yaml", "--run", str(run), "--no-progress"]
-    code = train_cli.main(argv + [a for s in SMALL + [override] for a in ("--set", s)])
+    code = train_cli.main(argv + [a for s in SMALL + override.split() for a in ("--set", s)])
     err = capsys.readouterr().err
     assert code == 1
     assert_one_error_line(err, match)

@@ -248,3 +248,66 @@ def test_temperature_schedule():
     assert float(temperature(500, 100)) == pytest.approx(0.1, abs=1e-7)  # clamped past the end
     f = jax.jit(lambda s: temperature(s, 10, start=2.0, end=1.0))
     assert float(f(jnp.asarray(4))) == pytest.approx(np.linspace(2.0, 1.0, 11)[4], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# ReflectSelect with several reflections (beyond the paper)
+
+
+def _principal_angles(w0, w1):
+    return np.arccos(np.clip(np.linalg.svd(w0.T @ w1, compute_uv=False), -1.0, 1.0))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_several_reflections_match_dense_product(m):
+    mod = create_sharded(lambda: make_subspace("reflect", CFG, K, F, reflections=m, rngs=nnx.Rngs(11)))
+    assert mod.rv_proj.down_proj.kernel[...].shape == (F, m * D)
+    z, base, src, a, (zj, bj, sj, aj) = _data(seed=6)
+    r = _np(_rotation(mod.rotate_layer))
+    g = np.stack([_swiglu_np(_rms_np(z[b], _np(mod.rv_norm.weight[...])), mod.rv_proj) for b in range(B)])
+    u = g.reshape(B, m, D) / np.linalg.norm(g.reshape(B, m, D), axis=-1, keepdims=True)
+    mix = _mix_np(a, base, src)
+    dense = []
+    for b in range(B):
+        w = r
+        for i in range(m):  # H_1 acts first: W = H_m···H_1 R
+            w = (np.eye(D) - 2 * np.outer(u[b, i], u[b, i])) @ w
+        dense.append(w)
+        np.testing.assert_allclose(w.T @ w, np.eye(K), atol=1e-5)
+    got_u, got_w = nnx.jit(lambda mod, z: (mod.reflection_vectors(z), mod.basis(z)))(mod, zj)
+    np.testing.assert_allclose(np.asarray(got_u), u, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_w), np.stack(dense), atol=1e-5)
+    got = np.asarray(_apply(mod, zj, bj, mix_sources(aj, bj, sj), TAU))
+    want = np.stack([base[b] + (mix[b] - base[b]) @ dense[b] @ dense[b].T for b in range(B)])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Two examples' subspaces differ in at most 2m directions (the rest of span(R) is fixed by every H).
+    moved = int((_principal_angles(dense[0], dense[1]) > 1e-2).sum())  # float32 R: noise ~1e-3
+    assert 0 < moved <= 2 * m
+    if m == 3:
+        assert moved > 2  # more than one reflection can ever move
+        with pytest.raises(ValueError, match="reflection_vectors"):
+            mod.reflection_vector(zj)
+
+
+def test_several_reflections_gradients_and_single_reflection_equivalence():
+    one = create_sharded(lambda: make_subspace("reflect", CFG, K, F, rngs=nnx.Rngs(7)))
+    mod = create_sharded(lambda: make_subspace("reflect", CFG, K, F, reflections=2, rngs=nnx.Rngs(7)))
+    _, _, _, _, (z, base, src, a) = _data(seed=3)
+    mix = mix_sources(a, base, src)
+    weights = jnp.asarray(np.random.default_rng(4).normal(size=base.shape), jnp.float32)
+    gd, params, rest = nnx.split(mod, nnx.Param, ...)
+
+    def loss(p):
+        return jnp.sum(nnx.merge(gd, p, rest)(z, base, mix) * weights)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for path, g in jax.tree.leaves_with_path(grads):
+        if "rotate_layer" in jax.tree_util.keystr(path) or "rv_proj" in jax.tree_util.keystr(path):
+            assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
+    # Two equal reflections cancel (H H = I): the patch is the plain DAS patch with R.
+    down = mod.rv_proj.down_proj.kernel[...]
+    mod.rv_proj.down_proj.kernel[...] = jnp.concatenate([down[:, :D], down[:, :D]], axis=1)
+    das = base + jnp.einsum("bjk,dk->bjd", jnp.einsum("bjd,dk->bjk", mix - base, _rotation(mod.rotate_layer)),
+                            _rotation(mod.rotate_layer))
+    np.testing.assert_allclose(np.asarray(_apply(mod, z, base, mix, TAU)), np.asarray(das), atol=1e-5)
+    assert np.abs(np.asarray(_apply(one, z, base, mix, TAU)) - np.asarray(das)).max() > 1e-3

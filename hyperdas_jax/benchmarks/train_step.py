@@ -142,7 +142,8 @@ def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int) -> dict[s
     out["hypernetwork (fwd+bwd)"] = 3 * cfg.hypernet.num_layers * hyper
     head = b * (2 * d * d * (tb + ts) + 2 * d * nk * h * (2 * tb + ts) + 2 * d * n * h)
     hidden = cfg.intervention.mlp_hidden or f
-    sub = b * (2 * 3 * d * hidden + 2 * 2 * tb * d * cfg.intervention.rank)
+    m = cfg.intervention.reflections  # rv_proj's output is m·d; each reflection is two (tb, d) dot products
+    sub = b * (2 * (2 + m) * d * hidden + 2 * 2 * tb * d * cfg.intervention.rank + 2 * 2 * 2 * m * tb * d)
     out["selection head + subspace (fwd+bwd)"] = 3 * (head + sub)
     return out
 

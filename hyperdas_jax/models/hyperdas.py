@@ -36,7 +36,7 @@ class HyperDAS(nnx.Module):
         self.hypernet = HyperNetwork(target_cfg, cfg.hypernet, rngs=rngs)
         self.head = SelectionHead(ecfg, rngs=rngs)
         hidden = iv.mlp_hidden or target_cfg.intermediate_size
-        self.subspace = make_subspace(iv.subspace, ecfg, rank, hidden, rngs=rngs)
+        self.subspace = make_subspace(iv.subspace, ecfg, rank, hidden, reflections=iv.reflections, rngs=rngs)
 
 
 def build_hyperdas(target: Llama, cfg: ExperimentConfig, *, seed: int = 0, mesh=None) -> HyperDAS:

@@ -96,30 +96,51 @@ def _require_temperature(temperature, who: str):
 
 
 class ReflectSelect(nnx.Module):
-    """The paper's subspace: the static frame R reflected by an instruction-dependent Householder vector.
+    """The paper's subspace: the static frame R reflected by instruction-dependent Householder vectors.
 
     u = g/‖g‖ with g = rv_proj(rv_norm(z)), W = (I − 2uuᵀ)R = R − 2u(uᵀR), and
     out = base + ((source − base) W) Wᵀ.
+
+    With `reflections` = m > 1 (beyond the paper) rv_proj gives m vectors u_1..u_m and
+    W = H_m···H_1 R. One reflection fixes every direction of span(R) orthogonal to u, so the
+    subspaces of two concepts share at least k − 2 dimensions; with m reflections they share at
+    least k − 2m. m = 1 is the original.
     """
 
-    def __init__(self, cfg: ModelConfig, k: int, mlp_hidden: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, k: int, mlp_hidden: int, *, reflections: int = 1, rngs: nnx.Rngs):
+        if reflections < 1:
+            raise ValueError(f"reflections must be at least 1, got {reflections}")
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        self.rotate_layer = Orthonormal(cfg.hidden_size, k, rngs=rngs)
-        self.rv_norm = RMSNorm(cfg.hidden_size, _SUBSPACE_EPS, param_dtype=pd)
-        self.rv_proj = MLP(cfg.hidden_size, mlp_hidden, param_dtype=pd, dtype=dt, rngs=rngs)  # PyTorch default init
+        d = cfg.hidden_size
+        self.rotate_layer = Orthonormal(d, k, rngs=rngs)
+        self.rv_norm = RMSNorm(d, _SUBSPACE_EPS, param_dtype=pd)
+        if reflections == 1:  # PyTorch default init, as the original
+            self.rv_proj = MLP(d, mlp_hidden, param_dtype=pd, dtype=dt, rngs=rngs)
+        else:
+            self.rv_proj = SwiGLU(d, mlp_hidden, reflections * d, "embed", param_dtype=pd, dtype=dt, rngs=rngs)
+        self.reflections = reflections
 
-    def reflection_vector(self, z_last: jax.Array) -> jax.Array:
-        """u (b, d) float32, unit norm (0 if the MLP output is exactly 0, which leaves W = R)."""
-        g = self.rv_proj(self.rv_norm(z_last)).astype(jnp.float32)  # (b, d)
+    def reflection_vectors(self, z_last: jax.Array) -> jax.Array:
+        """u (b, m, d) float32, each unit norm (0 where the MLP output is exactly 0: that H is I)."""
+        g = self.rv_proj(self.rv_norm(z_last)).astype(jnp.float32)  # (b, m·d)
+        g = g.reshape(g.shape[0], self.reflections, -1)  # (b, m, d)
         norm = jnp.sqrt(jnp.sum(g * g, axis=-1, keepdims=True))
         return g / jnp.where(norm > 0, norm, 1.0)  # the inner where keeps the gradient finite at g = 0
 
+    def reflection_vector(self, z_last: jax.Array) -> jax.Array:
+        """u (b, d) of the single-reflection module (the original's `save_vector`)."""
+        if self.reflections != 1:
+            raise ValueError(f"this ReflectSelect has {self.reflections} reflections; use reflection_vectors")
+        return self.reflection_vectors(z_last)[:, 0]
+
     def basis(self, z_last: jax.Array) -> jax.Array:
-        """W (b, d, k) float32 with orthonormal columns, for analysis; the forward never builds it."""
-        r = self.rotate_layer()
-        u = self.reflection_vector(z_last)
-        ur = jnp.einsum("bd,dk->bk", u, r, precision=_HIGHEST)  # uᵀR
-        return r[None] - 2.0 * u[:, :, None] * ur[:, None, :]
+        """W = H_m···H_1 R (b, d, k) float32 with orthonormal columns, for analysis; the forward never builds it."""
+        u = self.reflection_vectors(z_last)  # (b, m, d)
+        w = jnp.broadcast_to(self.rotate_layer()[None], (u.shape[0], *self.rotate_layer().shape))
+        for i in range(self.reflections):  # H_1 acts first
+            uw = jnp.einsum("bd,bdk->bk", u[:, i], w, precision=_HIGHEST)
+            w = w - 2.0 * u[:, i, :, None] * uw[:, None, :]
+        return w
 
     def __call__(self, z_last: jax.Array, base: jax.Array, source_mix: jax.Array, *, temperature=None) -> jax.Array:
         """Patched base (b, j, d) in base's dtype.
@@ -132,16 +153,27 @@ class ReflectSelect(nnx.Module):
         """
         del temperature
         r = self.rotate_layer()  # (d, k)
-        u = self.reflection_vector(z_last)  # (b, d)
-        ur = jnp.einsum("bd,dk->bk", u, r, precision=_HIGHEST)  # (b, k) = uᵀR
+        u = self.reflection_vectors(z_last)  # (b, m, d)
         delta = source_mix.astype(jnp.float32) - base.astype(jnp.float32)  # (b, j, d)
-        # The reflection is applied to the activations, never as a D×D or (b, d, k) matrix:
+        # The reflections are applied to the activations, never as a D×D or (b, d, k) matrix, so the
+        # large contractions stay (b·j, d)×(d, k) matmuls shared over the batch. m = 1:
         #   Δ W  = Δ R − 2 (Δ·u) (uᵀR)      and      c Wᵀ = c Rᵀ − 2 (c·uᵀR) u.
-        # This keeps the large contractions as (b·j, d)×(d, k) matmuls shared over the batch.
-        du = jnp.einsum("bjd,bd->bj", delta, u, precision=_HIGHEST)
-        coords = jnp.einsum("bjd,dk->bjk", delta, r, precision=_HIGHEST) - 2.0 * du[..., None] * ur[:, None, :]
-        cu = jnp.einsum("bjk,bk->bj", coords, ur, precision=_HIGHEST)
-        patch = jnp.einsum("bjk,dk->bjd", coords, r, precision=_HIGHEST) - 2.0 * cu[..., None] * u[:, None, :]
+        if self.reflections == 1:
+            ur = jnp.einsum("bd,dk->bk", u[:, 0], r, precision=_HIGHEST)  # (b, k) = uᵀR
+            du = jnp.einsum("bjd,bd->bj", delta, u[:, 0], precision=_HIGHEST)
+            coords = jnp.einsum("bjd,dk->bjk", delta, r, precision=_HIGHEST) - 2.0 * du[..., None] * ur[:, None, :]
+            cu = jnp.einsum("bjk,bk->bj", coords, ur, precision=_HIGHEST)
+            patch = jnp.einsum("bjk,dk->bjd", coords, r, precision=_HIGHEST) - 2.0 * cu[..., None] * u[:, 0, None, :]
+        else:
+            # Δ W = ((Δ H_m)···H_1) R and c Wᵀ = ((c Rᵀ) H_1)···H_m, each H applied as x − 2 (x·u) u.
+            x = delta
+            for i in reversed(range(self.reflections)):
+                x = x - 2.0 * jnp.einsum("bjd,bd->bj", x, u[:, i], precision=_HIGHEST)[..., None] * u[:, i, None, :]
+            coords = jnp.einsum("bjd,dk->bjk", x, r, precision=_HIGHEST)
+            patch = jnp.einsum("bjk,dk->bjd", coords, r, precision=_HIGHEST)
+            for i in range(self.reflections):
+                patch = patch - 2.0 * jnp.einsum("bjd,bd->bj", patch, u[:, i],
+                                                 precision=_HIGHEST)[..., None] * u[:, i, None, :]
         return constrain((base.astype(jnp.float32) + patch).astype(base.dtype), _ACT_BJD)
 
 
@@ -223,13 +255,15 @@ class NoSubspace(nnx.Module):
         return source_mix.astype(base.dtype)
 
 
-def make_subspace(kind: str, cfg: ModelConfig, k: int, mlp_hidden: int, *, rngs: nnx.Rngs) -> nnx.Module:
-    """Builds the subspace module named by `kind` (one of KINDS); `k`/`mlp_hidden` are ignored where unused.
+def make_subspace(kind: str, cfg: ModelConfig, k: int, mlp_hidden: int, *, reflections: int = 1,
+                  rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the subspace module named by `kind` (one of KINDS); `k`/`mlp_hidden`/`reflections` are ignored
+    where unused.
 
     The original hard-codes mlp_hidden = 14336 (Llama-3-8B's intermediate size).
     """
     if kind == "reflect":
-        return ReflectSelect(cfg, k, mlp_hidden, rngs=rngs)
+        return ReflectSelect(cfg, k, mlp_hidden, reflections=reflections, rngs=rngs)
     if kind == "das":
         return DAS(cfg, k, rngs=rngs)
     if kind == "mask":

@@ -136,7 +136,8 @@ class ReflectSelect(nnx.Module):
     def basis(self, z_last: jax.Array) -> jax.Array:
         """W = H_m···H_1 R (b, d, k) float32 with orthonormal columns, for analysis; the forward never builds it."""
         u = self.reflection_vectors(z_last)  # (b, m, d)
-        w = jnp.broadcast_to(self.rotate_layer()[None], (u.shape[0], *self.rotate_layer().shape))
+        r = self.rotate_layer()  # (d, k)
+        w = jnp.broadcast_to(r[None], (u.shape[0], *r.shape))
         for i in range(self.reflections):  # H_1 acts first
             uw = jnp.einsum("bd,bdk->bk", u[:, i], w, precision=_HIGHEST)
             w = w - 2.0 * u[:, i, :, None] * uw[:, None, :]

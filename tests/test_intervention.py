@@ -198,6 +198,17 @@ def test_full_rank_das_copies_the_selected_source_vector():
     np.testing.assert_allclose(out, want, atol=1e-5)
 
 
+def assert_gradients_reach(grads, parts) -> dict[str, np.ndarray]:
+    """Every part has gradient leaves, all finite and not all zero; returns the leaves by key path."""
+    flat = {jax.tree_util.keystr(path): np.asarray(g) for path, g in jax.tree.leaves_with_path(grads)}
+    for part in parts:
+        leaves = [g for path, g in flat.items() if path.startswith(f"['{part}']")]
+        assert leaves, (part, list(flat))
+        for g in leaves:
+            assert np.isfinite(g).all() and np.abs(g).max() > 0, part
+    return flat
+
+
 @pytest.mark.parametrize("kind,trained", [
     ("reflect", ["rotate_layer", "rv_proj"]),
     ("das", ["rotate_layer"]),
@@ -216,12 +227,7 @@ def test_gradients_reach_every_trained_part(modules, kind, trained):
 
     grads, grad_a = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, a)
     assert np.isfinite(np.asarray(grad_a)).all() and np.abs(np.asarray(grad_a)).max() > 0
-    flat = {jax.tree_util.keystr(path): np.asarray(g) for path, g in jax.tree.leaves_with_path(grads)}
-    for part in trained:
-        leaves = [g for path, g in flat.items() if path.startswith(f"['{part}']")]
-        assert leaves, (part, list(flat))
-        for g in leaves:
-            assert np.isfinite(g).all() and np.abs(g).max() > 0, part
+    flat = assert_gradients_reach(grads, trained)
     if kind == "boundless":
         assert "['mask_projection']['boundary'].value" in flat
 
@@ -301,12 +307,7 @@ def test_several_reflections_gradients_and_single_reflection_equivalence():
         return jnp.sum(nnx.merge(gd, p, rest)(z, base, mix) * weights)
 
     grads = jax.jit(jax.grad(loss))(params)
-    flat = {jax.tree_util.keystr(path): np.asarray(g) for path, g in jax.tree.leaves_with_path(grads)}
-    for part in ("rotate_layer", "rv_proj"):
-        leaves = [g for path, g in flat.items() if path.startswith(f"['{part}']")]
-        assert leaves, (part, list(flat))
-        for g in leaves:
-            assert np.isfinite(g).all() and np.abs(g).max() > 0, part
+    assert_gradients_reach(grads, ("rotate_layer", "rv_proj"))
     # Two equal reflections cancel (H H = I): the patch is the plain DAS patch with R.
     down = mod.rv_proj.down_proj.kernel[...]
     mod.rv_proj.down_proj.kernel[...] = jnp.concatenate([down[:, :D], down[:, :D]], axis=1)

@@ -214,6 +214,7 @@ def evaluate(
         scores[mode]["localisation"] = localisation.summarise(rows, table)
     results = {
         "method": getattr(method, "name", type(method).__name__),
+        "step": getattr(method, "step", None),  # the checkpoint scored, for a trained run
         "n_answer_tokens": n_answer_tokens,
         "num_rows": len(rows),
         "num_scored": int(scored.sum()),
@@ -344,7 +345,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     k = results["n_answer_tokens"]
     modes = _ordered_modes(results)
     lines = [
-        f"# RAVEL evaluation: {results['method']}",
+        f"# RAVEL evaluation: {results['method']}"
+        + (f" (checkpoint step {results['step']})" if results.get("step") is not None else ""),
         "",
         f"Exact match on the {'whole answer' if k is None else f'first {k} answer tokens'} (teacher-forced). "
         f"{results['num_scored']} of {results['num_rows']} rows scored"

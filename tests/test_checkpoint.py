@@ -101,6 +101,23 @@ def test_load_trained_method(saved):
         load_trained_method(run, step=3)
 
 
+def test_eval_cli_scores_the_checkpoint_step_asked_for(saved, tmp_path, capsys):
+    from tools import eval_ravel
+
+    _, run, states = saved
+    method = eval_ravel.load_method(str(run), step="4")  # what `--step 4` loads
+    assert method.step == 4
+    assert_trees_equal(method.params, states[4][0])
+    # A step that was not kept: one clear line, exit 1, nothing written (before any data is read).
+    out = tmp_path / "eval"
+    for step, says in (("3", "no checkpoint at step 3 (available: [2, 4])"), ("first", "must be 'latest', 'best'")):
+        argv = ["--run", str(run), "--data", str(tmp_path / "unread"), "--step", step, "--out", str(out), "--quiet"]
+        assert eval_ravel.main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err, err
+        assert not out.exists()
+
+
 def copy_run(saved, tmp_path):
     _, run, _ = saved
     shutil.copytree(run, tmp_path / "run")

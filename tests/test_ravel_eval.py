@@ -195,18 +195,22 @@ def test_eval_cli_with_an_in_process_method(tmp_path, monkeypatch, capsys):
     tok = _word_tokenizer()
     ravel_store.save_rows(rows, tmp_path / "test")
     method = FakeMethod(rows, soft, tokenizer=tok)
-    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir, target=None: method)
+    method.step = 450  # what a trained run's method carries: the checkpoint it was restored from
+    asked = []
+    monkeypatch.setattr(eval_ravel, "load_method",
+                        lambda run_dir, target=None, step="best": asked.append(step) or method)
     out = tmp_path / "eval"
     argv = ["--run", "unused", "--data", str(tmp_path / "test"), "--modes", "soft", "--out", str(out),
-            "--batch-size", "4", "--heatmaps", "1", "--quiet"]
-    assert eval_ravel.main(argv) == 0
+            "--batch-size", "4", "--heatmaps", "1", "--quiet", "--step", "450"]
+    assert eval_ravel.main(argv) == 0 and asked == ["450"]
     printed = capsys.readouterr().out
     assert "| no intervention | 0.00 | 100.00 | 50.00 |" in printed and "| soft | 56.25 |" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["n_answer_tokens"] == 3 and results["data"] == str(tmp_path / "test")
     heatmap = out / "heatmaps" / "soft_row0.png"
     assert results["heatmaps"] == [str(heatmap)] and heatmap.is_file()
-    assert (out / "results.md").read_text().startswith("# RAVEL evaluation: fake")
+    assert results["step"] == 450
+    assert (out / "results.md").read_text().startswith("# RAVEL evaluation: fake (checkpoint step 450)\n")
     # Bad input: clear one-line error, exit 1, no output folder and no leftovers.
     for bad in (["--data", str(tmp_path / "nope")], ["--modes", "sideways"], ["--n-answer-tokens", "1"]):
         args = argv[:2] + ["--data", str(tmp_path / "test"), "--out", str(tmp_path / "bad"), "--quiet", "--modes",
@@ -458,7 +462,7 @@ def test_no_intervention_scores_cause_0_and_isolate_100_on_strict_rows(smol, sam
     method = HyperDASMethod(steps, steps.params)
     kept, _ = filtered["strict"]
     ravel_store.save_rows(kept + [_LAHORE], tmp_path / "rows")
-    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir, target=None: method)
+    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir, target=None, step="best": method)
     out = tmp_path / "eval"
     assert eval_ravel.main(["--run", "unused", "--data", str(tmp_path / "rows"), "--modes", "--out", str(out),
                             "--quiet"]) == 0

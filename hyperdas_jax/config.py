@@ -417,6 +417,8 @@ class TrainConfig:
     rotate_lr: float = 1e-3  # R (any parameter under a `rotate_layer`), no weight decay
     head_lr: float | None = None  # the selection head (`head`); None: `lr`, as in the original
     mask_lr: float = 1e-2  # MaskSelect / BoundlessDAS `mask_projection`
+    # ReflectSelect's reflection-vector MLP (`rv_norm`, `rv_proj`); None: `lr`, as in the original
+    reflect_lr: float | None = None
     clip_norm: float = 4.0
     # Every learning rate falls linearly to 0 over the last lr_decay_ratio of the steps (0: constant, as the original).
     lr_decay_ratio: float = 0.0
@@ -437,7 +439,7 @@ class TrainConfig:
         if self.state_cache not in ("auto", "always", "never"):
             raise ConfigError(f"train.state_cache must be 'auto', 'always' or 'never', got {self.state_cache!r}")
         _at_least(self, "steps batch_size keep_checkpoints", 1)
-        _at_least(self, "lr head_lr", 0, strict=True)
+        _at_least(self, "lr head_lr reflect_lr", 0, strict=True)
         require(0 <= self.lr_decay_ratio <= 1, f"train.lr_decay_ratio must be in [0, 1], got {self.lr_decay_ratio!r}")
         _at_least(self, "weight_decay rotate_lr mask_lr clip_norm causal_loss_weight iso_loss_weight log_every "
                   "eval_every checkpoint_every state_cache_gb", 0)

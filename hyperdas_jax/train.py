@@ -73,14 +73,18 @@ def _raise_label_at_zero():
 # Optimizer
 
 
-def param_group(path) -> str:
+def param_group(path, cfg: TrainConfig | None = None) -> str:
     """Optimizer group of a parameter path: R (`rotate_layer`), MaskSelect/boundary (`mask_projection`),
-    the selection head (top-level `head`), the rest."""
+    ReflectSelect's reflection-vector MLP (`rv_norm`, `rv_proj`; its own group only when `cfg.reflect_lr`
+    is set, so the default optimizer state keeps the original's structure), the selection head
+    (top-level `head`), the rest."""
     key = jax.tree_util.keystr(path)
     if "rotate_layer" in key:
         return "rotate"
     if "mask_projection" in key:
         return "mask"
+    if cfg is not None and cfg.reflect_lr is not None and ("['rv_proj']" in key or "['rv_norm']" in key):
+        return "reflect"
     if key.startswith("['head']"):
         return "head"
     return "default"
@@ -105,7 +109,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         "head": optax.adamw(cfg.lr if cfg.head_lr is None else cfg.head_lr, b1=0.9, b2=0.999, eps=1e-8,
                             weight_decay=cfg.weight_decay),
     }
-    labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)  # noqa: E731
+    if cfg.reflect_lr is not None:
+        groups["reflect"] = optax.adamw(cfg.reflect_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+    labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: param_group(p, cfg), params)  # noqa: E731
     parts = [optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(groups, labels)]
     if cfg.lr_decay_ratio > 0:
         parts.append(optax.scale_by_schedule(lr_scale(cfg)))

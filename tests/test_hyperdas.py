@@ -219,25 +219,33 @@ def test_loss_halves_on_a_synthetic_interchange_task():
     assert np.asarray(steps.evaluate(params, batches[1], "soft")["correct"]).mean() >= 0.75
 
 
-def test_head_lr_moves_only_the_selection_head():
-    """train.head_lr is the selection head's own Adam learning rate; every other group is unchanged."""
+@pytest.mark.parametrize("option, group, prefixes, extra", [
+    ("head_lr", "head", ("['head']",), ()),
+    ("reflect_lr", "reflect", ("['subspace']['rv_norm']", "['subspace']['rv_proj']"), ("intervention.reflections=3",)),
+])
+def test_group_lr_moves_only_its_group(option, group, prefixes, extra):
+    """train.head_lr / train.reflect_lr are one group's own Adam learning rate; every other group is unchanged."""
     from hyperdas_jax.train import param_group
 
     batch = make_batch(np.random.default_rng(7))
     results = {}
-    for head_lr in (None, 1e-2):
-        cfg, target, model = tiny([f"train.head_lr={'null' if head_lr is None else head_lr}"])
+    for lr in (None, 1e-2):
+        cfg, target, model = tiny([f"train.{option}={'null' if lr is None else lr}", *extra])
         steps = Steps(model, target, cfg)
         before = jax.tree.map(np.asarray, steps.params)
         params, _, _ = steps.train(steps.params, steps.init_opt_state(steps.params), batch, 0, jax.random.key(0))
-        results[head_lr] = (before, jax.tree.map(np.asarray, params))
-    groups = {jax.tree_util.keystr(p): param_group(p)
+        results[lr] = (before, jax.tree.map(np.asarray, params), cfg)
+    cfg = results[1e-2][2]
+    groups = {jax.tree_util.keystr(p): param_group(p, cfg.train)
               for p, _ in jax.tree_util.tree_leaves_with_path(results[None][0])}
-    assert {k for k, g in groups.items() if g == "head"} == {k for k in groups if k.startswith("['head']")} != set()
+    assert {k for k, g in groups.items() if g == group} == {k for k in groups if k.startswith(prefixes)} != set()
+    # unset, the group does not exist: the optimizer state keeps the original's structure
+    assert all(param_group(p, results[None][2].train) != "reflect"
+               for p, _ in jax.tree_util.tree_leaves_with_path(results[None][0]))
     for (path, b0), a0, a1 in zip(jax.tree_util.tree_leaves_with_path(results[None][0]),
                                   jax.tree.leaves(results[None][1]), jax.tree.leaves(results[1e-2][1])):
         step0, step1 = np.abs(a0 - b0).max(), np.abs(a1 - b0).max()
-        if param_group(path) == "head":
+        if groups[jax.tree_util.keystr(path)] == group:
             assert step1 > 5 * step0 > 0, jax.tree_util.keystr(path)  # Adam's first step is ~lr per weight (tiny: lr 1e-3)
         else:
             np.testing.assert_array_equal(a1, a0)

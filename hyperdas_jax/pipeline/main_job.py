@@ -220,16 +220,18 @@ def comparisons(hyperdas: dict, mdas: dict, rows: list) -> list[str]:
 
 def settings_lines(cfg, mdas_cfg, step: int | None = None) -> list[str]:
     """The report's record of what was trained (`step`: the HyperDAS checkpoint scored)."""
-    t, m = cfg.train, mdas_cfg.train
+    t, m, iv = cfg.train, mdas_cfg.train, cfg.intervention
+    reflect = iv.subspace == "reflect"
     sparsity = (f"{t.sparsity.schedule} {t.sparsity.start:g} -> {t.sparsity.end:g} from step "
                 f"{int(t.sparsity.warmup_ratio * t.steps)}" if t.sparsity.enabled else "off")
     return [
         f"- target `{cfg.target.path}` ({cfg.target.dtype}); intervention at hs[{cfg.intervention.layer}], "
-        f"{cfg.intervention.subspace} subspace of rank {cfg.intervention.rank}",
+        f"{iv.subspace} subspace of rank {iv.rank}" + (f", {iv.reflections} reflections" if reflect else ""),
         f"- HyperDAS: {cfg.hypernet.num_layers} hypernetwork blocks (init `{cfg.hypernet.init}`), {t.steps} steps "
         f"x batch {t.batch_size}, lr {t.lr:g}, selection-head lr {t.lr if t.head_lr is None else t.head_lr:g}, "
-        f"rotation lr {t.rotate_lr:g}, causal/isolate weights "
-        f"{t.causal_loss_weight:g}/{t.iso_loss_weight:g}, sparsity weight {sparsity}"
+        f"rotation lr {t.rotate_lr:g}, "
+        + (f"reflection-vector lr {t.lr if t.reflect_lr is None else t.reflect_lr:g}, " if reflect else "")
+        + f"causal/isolate weights {t.causal_loss_weight:g}/{t.iso_loss_weight:g}, sparsity weight {sparsity}"
         + (f"; scored: step {step}, the best mean validation disentangle of {' and '.join(cfg.eval.modes)} "
            f"(validation every {t.eval_every} steps)" if step is not None else ""),
         f"- MDAS: one rank-{mdas_cfg.intervention.rank} rotation per attribute at the last entity token, "

@@ -67,3 +67,26 @@ def test_main_job_refuses_to_reuse_a_stage_trained_with_other_settings(tmp_path,
     assert main_job.main(args) == 1
     assert "mdas holds a MDAS run made with other settings (train.iso_loss_weight)" in capsys.readouterr().err
     assert not target.exists() and not data.exists()  # refused before any work
+
+
+@pytest.mark.parametrize("overrides, expected, absent", [
+    ([], ["reflect subspace of rank 128, 32 reflections", "reflection-vector lr 4e-05",
+          "sparsity weight linear 0.15 -> 1.5 from step 250"], []),
+    (["train.reflect_lr=1e-3", "train.sparsity.schedule=constant", "train.sparsity.start=0.25"],
+     ["reflection-vector lr 0.001", "sparsity weight constant 0.25"], ["->"]),
+    (["intervention.subspace=das", "intervention.reflections=1", "train.sparsity.enabled=false"], ["das subspace of rank 128", "sparsity weight off"],
+     ["reflection"]),
+])
+def test_report_settings_name_what_was_trained(tmp_path, overrides, expected, absent):
+    from hyperdas_jax.mdas import TRAIN_OVERRIDES
+    from hyperdas_jax.pipeline import main_job as job
+
+    data = tmp_path / "data"
+    cfg = job.experiment(data, tmp_path / "target", [*job.PRESETS["full"]["hyperdas"], *overrides])
+    mdas_cfg = job.experiment(data, tmp_path / "target", [*TRAIN_OVERRIDES, *job.PRESETS["full"]["mdas"]])
+    hyperdas_lines = "\n".join(job.settings_lines(cfg, mdas_cfg, step=450)[:2])
+    for text in expected:
+        assert text in hyperdas_lines
+    for text in absent:
+        assert text not in hyperdas_lines
+    assert "scored: step 450" in hyperdas_lines

@@ -222,8 +222,9 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None) -> list[str]:
     """The report's record of what was trained (`step`: the HyperDAS checkpoint scored)."""
     t, m, iv = cfg.train, mdas_cfg.train, cfg.intervention
     reflect = iv.subspace == "reflect"
-    sparsity = (f"{t.sparsity.schedule} {t.sparsity.start:g} -> {t.sparsity.end:g} from step "
-                f"{int(t.sparsity.warmup_ratio * t.steps)}" if t.sparsity.enabled else "off")
+    sp = t.sparsity
+    sparsity = ("off" if not sp.enabled else f"constant {sp.start:g}" if sp.schedule == "constant" else
+                f"{sp.schedule} {sp.start:g} -> {sp.end:g} from step {int(sp.warmup_ratio * t.steps)}")
     return [
         f"- target `{cfg.target.path}` ({cfg.target.dtype}); intervention at hs[{cfg.intervention.layer}], "
         f"{iv.subspace} subspace of rank {iv.rank}" + (f", {iv.reflections} reflections" if reflect else ""),

@@ -17,7 +17,8 @@ from hyperdas_jax.sharding import constrain
 # Optimiser groups are chosen by attribute name (method notes §7.3): everything under
 # `rotate_layer` (the orthonormal R) gets lr 1e-3 and no weight decay; everything under
 # `mask_projection` (the MaskSelect mask MLP, the BoundlessDAS boundary) gets lr 1e-2; the rest
-# (ReflectSelect's `rv_norm`/`rv_proj`, MaskSelect's `mask_norm`) trains with the hypernetwork.
+# (ReflectSelect's `rv_norm`/`rv_proj`, MaskSelect's `mask_norm`) trains with the hypernetwork;
+# `train.reflect_lr` (beyond the paper) gives `rv_norm`/`rv_proj` their own group.
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # R must stay orthonormal to float32 rounding; TF32 on GPU would not
 # Activations are sharded over the batch only. ("batch", "seq", "embed") would map the "fsdp"

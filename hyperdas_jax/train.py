@@ -102,15 +102,15 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     With `lr_decay_ratio` > 0 every group's update (weight decay included) is scaled by `lr_scale`; at 0 the
     optimizer state has the original's structure, so older checkpoints resume.
     """
+    adamw = functools.partial(optax.adamw, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
     groups = {
-        "default": optax.adamw(cfg.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
-        "rotate": optax.adamw(cfg.rotate_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
-        "mask": optax.adamw(cfg.mask_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay),
-        "head": optax.adamw(cfg.lr if cfg.head_lr is None else cfg.head_lr, b1=0.9, b2=0.999, eps=1e-8,
-                            weight_decay=cfg.weight_decay),
+        "default": adamw(cfg.lr),
+        "rotate": adamw(cfg.rotate_lr, weight_decay=0.0),
+        "mask": adamw(cfg.mask_lr),
+        "head": adamw(cfg.lr if cfg.head_lr is None else cfg.head_lr),
     }
     if cfg.reflect_lr is not None:
-        groups["reflect"] = optax.adamw(cfg.reflect_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+        groups["reflect"] = adamw(cfg.reflect_lr)
     labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: param_group(p, cfg), params)  # noqa: E731
     parts = [optax.clip_by_global_norm(cfg.clip_norm), optax.multi_transform(groups, labels)]
     if cfg.lr_decay_ratio > 0:

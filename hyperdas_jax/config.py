@@ -369,10 +369,17 @@ class InterventionConfig:
     # not depend on how a batch is padded; "original" counts every SELF entry, pads included, as the
     # original implementation does (identical on a batch without padding).
     self_positions: str = "real"
+    # Beyond the paper: "rope" (the original) rotates the selection head's query by its editor position
+    # and each pair's key by the pair's row-major index in the flattened (source, base) grid; "none"
+    # scores every pair by content alone, so a pair's logit does not move with where the entity sits in
+    # the prompt template.
+    pair_positions: str = "rope"
 
     def __post_init__(self):
         require(self.self_positions in ("real", "original"),
                 f"intervention.self_positions must be 'real' or 'original', got {self.self_positions!r}")
+        require(self.pair_positions in ("rope", "none"),
+                f"intervention.pair_positions must be 'rope' or 'none', got {self.pair_positions!r}")
         if self.subspace not in SUBSPACES:
             raise ConfigError(f"intervention.subspace must be one of {SUBSPACES}, got {self.subspace!r}")
         _at_least(self, "layer rank", 0)

@@ -140,7 +140,7 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
                        bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,
                        remat=cfg.target.remat, similarity_prior=iv.similarity_prior,
-                       self_positions=iv.self_positions)
+                       self_positions=iv.self_positions, pair_positions=iv.pair_positions)
 
 
 def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):

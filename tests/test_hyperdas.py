@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from hyperdas_fixtures import left_pad, make_batch, tiny
+from hyperdas_jax.config import ConfigError
 from hyperdas_jax.models.hypernet import HyperNetwork, make_memory
 from hyperdas_jax.sharding import create_sharded
 from hyperdas_jax.train import StepContext, Steps, label_window, loss_fn, spec_from_config
@@ -274,6 +275,26 @@ def test_lr_decay_scales_every_group_over_the_last_steps(ratio, scales):
             np.testing.assert_allclose(b, scales[t] * a, rtol=1e-6, atol=1e-12)
     # off: the optimizer state keeps the original's structure (older checkpoints resume)
     assert len(const.init(params)) == 2 and len(s1) == 3
+
+
+def test_pair_positions_switch_reaches_the_head(setup):
+    """intervention.pair_positions=none: the same weights give another A, still a column softmax with
+    exact masks; a bad value is a config error."""
+    cfg, target, steps = setup
+    batch = make_batch(np.random.default_rng(8))
+    model = steps.model(steps.params)
+    for name in ("q_proj", "k_proj", "q_combine"):  # past the N(0, 0.02) init, so the logits are O(1)
+        kernel = getattr(model.head, name).kernel
+        kernel[...] = kernel[...] * 15.0
+    rope = Steps(model, target, cfg)
+    rope = np.asarray(rope.evaluate(rope.params, batch, "soft")["selection"])
+    free = Steps(model, target, tiny(["intervention.pair_positions=none"])[0])
+    sel = np.asarray(free.evaluate(free.params, batch, "soft")["selection"])
+    np.testing.assert_allclose(sel.sum(axis=1), 1.0, atol=1e-6)
+    assert np.abs(sel - rope).max() > 0.05
+    np.testing.assert_array_equal(sel[:, -1][batch["base_intervention_mask"] == 0], 1.0)
+    with pytest.raises(ConfigError, match="intervention.pair_positions must be 'rope' or 'none'"):
+        tiny(["intervention.pair_positions=alibi"])
 
 
 def test_similarity_prior_switch_changes_the_selection_only_when_on(setup):

@@ -30,9 +30,11 @@ def _rope_np(x, pos, theta):
     return x * np.cos(emb) + np.concatenate([-x2, x1], axis=-1) * np.sin(emb)
 
 
-def reference_selection(wq, wk, wc, z, epos, base, bmask, src, smask, swap=False, theta=500000.0, breal=None):
+def reference_selection(wq, wk, wc, z, epos, base, bmask, src, smask, swap=False, theta=500000.0, breal=None,
+                        rope=True):
     """A as the original computes it; `breal` (b, j), when given, is the real-token mask of the base
-    and only real base tokens advance the SELF row's RoPE positions (our default)."""
+    and only real base tokens advance the SELF row's RoPE positions (our default); rope=False rotates
+    neither query nor keys (intervention.pair_positions=none)."""
     b, tb, d = base.shape
     ts = src.shape[1]
     n, nk = wq.shape[1] // H, wk.shape[1] // H
@@ -50,9 +52,10 @@ def reference_selection(wq, wk, wc, z, epos, base, bmask, src, smask, swap=False
     flat = counted.reshape(b, -1)
     pos = (np.cumsum(flat, axis=1) * flat).astype(np.int64)  # (b, P)
     keys = (feats.reshape(b, -1, d) @ wk).reshape(b, -1, nk, H)
-    keys = _rope_np(keys, pos[:, :, None].repeat(nk, 2), theta)
     q = (z @ wq).reshape(b, n, H)
-    q = _rope_np(q, epos[:, None].repeat(n, 1), theta)
+    if rope:
+        keys = _rope_np(keys, pos[:, :, None].repeat(nk, 2), theta)
+        q = _rope_np(q, epos[:, None].repeat(n, 1), theta)
     scores = np.zeros((b, n, flat.shape[1]))
     for head in range(n):
         scores[:, head] = np.einsum("bh,bph->bp", q[:, head], keys[:, :, head // (n // nk)]) / np.sqrt(H)
@@ -119,6 +122,27 @@ def test_head_matches_naive_reference(head_and_weights, swap):
     assert got.shape == (3, 5, 5) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert want[:, :-1].max() > 0.3  # the reference is far from uniform, so the comparison means something
+
+
+def test_position_free_pairs_match_reference_and_ignore_positions(head_and_weights):
+    """positions="none": content-only pair scores, equal to the reference without any rotation,
+    unchanged by the editor position or by where the tokens sit, different from the RoPE scores."""
+    head, w = head_and_weights
+    z, epos, base, bmask, src, smask = _inputs()
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    apply = nnx.jit(lambda h, *a: h(*a, positions="none"))
+    got = np.asarray(apply(head, f(z), jnp.asarray(epos), f(base), jnp.asarray(bmask), f(src), jnp.asarray(smask)))
+    want = reference_selection(w["q_proj"], w["k_proj"], w["q_combine"], z, epos, base, bmask, src, smask, rope=False)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - _run(head, z, epos, base, bmask, src, smask)).max() > 1e-2
+    # Another editor position and the base/source tokens moved one place left (a shifted template):
+    # the same A on the moved tokens.
+    moved = np.asarray(apply(head, f(z), jnp.asarray(epos + 5), f(np.roll(base, -1, 1)),
+                             jnp.asarray(np.roll(bmask, -1, 1)), f(np.roll(src, -1, 1)), jnp.asarray(np.roll(smask, -1, 1))))
+    np.testing.assert_allclose(moved[:, :-1], np.roll(np.roll(got[:, :-1], -1, 1), -1, 2), atol=1e-6)
+    np.testing.assert_allclose(moved[:, -1], np.roll(got[:, -1], -1, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="positions must be 'rope' or 'none'"):
+        head(f(z), jnp.asarray(epos), f(base), jnp.asarray(bmask), f(src), jnp.asarray(smask), positions="alibi")
 
 
 def test_self_row_positions_on_a_padded_batch(head_and_weights):

@@ -76,6 +76,7 @@ class ForwardSpec:
     remat: bool = False
     similarity_prior: float = 0.0  # scale of `selection.similarity_prior` added to the pair logits; 0 = off
     self_positions: str = "real"  # "real" or "original": see InterventionConfig.self_positions
+    pair_positions: str = "rope"  # "rope" or "none": see InterventionConfig.pair_positions
 
 
 def clean_hidden_states(target: Llama, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -128,7 +129,7 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
                                                          hs_src[L], src_iv, batch["source_mask"])  # (b, i, j)
     soft = model.head(z_last, pos_last, unit_normalise(hs_base[L]), base_iv, unit_normalise(hs_src[L]), src_iv,
                       swap=swap, base_attention_mask=batch["base_mask"] if spec.self_positions == "real" else None,
-                      prior=prior)
+                      prior=prior, positions=spec.pair_positions)
     a = select(soft, spec.mode, base_entity_pos=batch.get("base_entity_pos"),
                source_entity_pos=batch.get("source_entity_pos"), threshold=spec.bidding_threshold)
 

@@ -52,7 +52,8 @@ class SelectionHead(nnx.Module):
 
     def __call__(self, z_last: jax.Array, editor_pos_last: jax.Array, base_l: jax.Array, base_mask: jax.Array,
                  source_l: jax.Array, source_mask: jax.Array, *, swap: bool | jax.Array = False,
-                 base_attention_mask: jax.Array | None = None, prior: jax.Array | None = None) -> jax.Array:
+                 base_attention_mask: jax.Array | None = None, prior: jax.Array | None = None,
+                 positions: str = "rope") -> jax.Array:
         """Soft assignment A of base positions to source positions or SELF (method notes §4.1).
 
         Args:
@@ -70,6 +71,9 @@ class SelectionHead(nnx.Module):
             batch has no padding, e.g. batch size 1); None reproduces that.
           prior: optional (b, i, j) float added to the pair logits (after the head-mean scaling);
             the SELF row gets none. See `similarity_prior`.
+          positions: "rope" (the original): the query is rotated by its editor position and each
+            pair's key by the pair's index in the flattened (i, j) grid. "none": no rotation at all,
+            so a pair's logit depends on the two tokens' states only.
         Returns:
           A (b, i+1, j) float32, softmax over axis 1; row i (the last) is SELF. A masked base
           column has A[SELF] = 1 exactly, a masked source row is exactly 0. All inputs must be
@@ -85,8 +89,12 @@ class SelectionHead(nnx.Module):
 
         # Query: the last editor token with RoPE at its editor position.
         q = self.q_proj(z_last.astype(self.dtype)).reshape(b, 1, self.num_heads, h)  # (b, 1, n, h)
-        q_cos, q_sin = rope_tables(editor_pos_last.astype(jnp.int32)[:, None], inv_freq)  # (b, 1, h)
-        q = apply_rope(q, q_cos, q_sin).astype(jnp.float32).reshape(b, nk, g, h)
+        if positions == "rope":
+            q_cos, q_sin = rope_tables(editor_pos_last.astype(jnp.int32)[:, None], inv_freq)  # (b, 1, h)
+            q = apply_rope(q, q_cos, q_sin)
+        elif positions != "none":
+            raise ValueError(f"positions must be 'rope' or 'none', got {positions!r}")
+        q = q.astype(jnp.float32).reshape(b, nk, g, h)
         # The mean over heads is taken before the softmax and the g query heads of a group share
         # one key, so mean_n <q_n, k_{n//g}> = <sum_g q_kg, k_k> / n: one summed query per kv head.
         q = q.sum(axis=2)  # (b, k, h)
@@ -122,6 +130,8 @@ class SelectionHead(nnx.Module):
             counted = jnp.concatenate([pair_mask, base_attention_mask.astype(bool)[:, None, :]], axis=1)
         flat = counted.reshape(b, (ts + 1) * tb).astype(jnp.int32)
         pos = (jnp.cumsum(flat, axis=1) * flat).reshape(b, ts + 1, tb)  # (b, i+1, j)
+        if positions == "none":
+            pos = jnp.zeros_like(pos)  # angle 0: <q, κ> = Σ_r α_r(κ)
         angle = pos.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (b, i+1, j, r)
         cos, sin = jnp.cos(angle), jnp.sin(angle)
         cos_p, sin_p = cos[:, :ts], sin[:, :ts]  # (b, i, j, r)

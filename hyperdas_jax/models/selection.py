@@ -87,7 +87,7 @@ class SelectionHead(nnx.Module):
         base_l = base_l.astype(self.dtype)
         source_l = source_l.astype(self.dtype)
 
-        # Query: the last editor token with RoPE at its editor position.
+        # Query: the last editor token, with RoPE at its editor position unless positions == "none".
         q = self.q_proj(z_last.astype(self.dtype)).reshape(b, 1, self.num_heads, h)  # (b, 1, n, h)
         if positions == "rope":
             q_cos, q_sin = rope_tables(editor_pos_last.astype(jnp.int32)[:, None], inv_freq)  # (b, 1, h)

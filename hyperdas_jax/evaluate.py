@@ -53,6 +53,17 @@ def _method_answer_tokens(method: Any) -> Any:
     return _UNSET
 
 
+def _tally(keys: Sequence[Any], causal: np.ndarray, verdict: np.ndarray) -> dict[Any, list[int]]:
+    """key -> [n_causal, correct_causal, n_isolate, correct_isolate] over the scored rows (verdict >= 0)."""
+    counts: dict[Any, list[int]] = {}
+    for key, c, v in zip(keys, causal, verdict):
+        if v >= 0:
+            entry = counts.setdefault(key, [0, 0, 0, 0])
+            entry[0 if c else 2] += 1
+            entry[1 if c else 3] += int(v == 1)
+    return counts
+
+
 def score_rows(
     rows: Sequence[Mapping[str, Any]], correct: Mapping[str, np.ndarray]
 ) -> dict[str, dict[str, Any]]:
@@ -78,14 +89,8 @@ def score_rows(
         if verdict.shape != (len(rows),):
             raise ValueError(f"mode {mode!r}: verdicts of shape {verdict.shape}, expected {(len(rows),)}")
         scored = verdict >= 0
-        counts: dict[tuple[str, str], list[int]] = {}
-        for key, c, s, v in zip(keys, causal, scored, verdict):
-            if s:
-                entry = counts.setdefault(key, [0, 0, 0, 0])  # n_causal, correct_causal, n_isolate, correct_isolate
-                entry[0 if c else 2] += 1
-                entry[1 if c else 3] += int(v == 1)
         attributes = {}
-        for (domain, attribute), (nc, cc, ni, ci) in sorted(counts.items()):
+        for (domain, attribute), (nc, cc, ni, ci) in sorted(_tally(keys, causal, verdict).items()):
             cause = cc / nc if nc else None
             isolate = ci / ni if ni else None
             attributes[f"{domain}/{attribute}"] = {
@@ -110,6 +115,36 @@ def score_rows(
             "domains": domains,
             "attributes": attributes,
         }
+    return out
+
+
+def template_scores(
+    rows: Sequence[Mapping[str, Any]], correct: Mapping[str, np.ndarray]
+) -> dict[str, list[dict[str, Any]]] | None:
+    """Cause / isolate / disentangle per base template, or None when a row lacks `base_template`.
+
+    Held-out templates generalise unevenly, and a split's rows cluster in few of them (the
+    validation split holds out a couple per attribute), so the row-level figures can hide that one
+    template carries a score. A template's cause counts the causal rows whose base prompt uses it,
+    its isolate the isolate rows whose base prompt uses it (those ask the template's attribute while
+    the instruction names another).
+
+    Returns:
+        mode -> [{"attribute" (the attribute the template asks), "template", cause, isolate,
+        disentangle, n_causal, n_isolate}], sorted by attribute and template; scores as in `score_rows`.
+    """
+    if not rows or any("base_template" not in r for r in rows):
+        return None
+    keys = [(r["attribute"], r["base_template"]) for r in rows]
+    causal = np.array([is_causal(r) for r in rows], bool)
+    out = {}
+    for mode, verdict in correct.items():
+        table = []
+        for (attribute, template), (nc, cc, ni, ci) in sorted(_tally(keys, causal, np.asarray(verdict)).items()):
+            cause, isolate = (cc / nc if nc else None), (ci / ni if ni else None)
+            table.append({"attribute": attribute, "template": template, "cause": cause, "isolate": isolate,
+                          "disentangle": _disentangle(cause, isolate), "n_causal": nc, "n_isolate": ni})
+        out[mode] = table
     return out
 
 
@@ -154,7 +189,8 @@ def evaluate(
         {"method", "n_answer_tokens", "num_rows", "num_scored", "dropped" (reason -> rows),
         "modes": mode -> scores as in `score_rows` (the "no intervention" entry first) plus
         "disentangle_ci" (95 % stratified bootstrap intervals, `bootstrap.intervals`) and, for
-        methods that return a selection, "localisation" (`localisation.summarise` over causal rows),
+        methods that return a selection, "localisation" (`localisation.summarise` over causal rows), and,
+        for rows that carry `base_template`, "templates" (`template_scores`),
         "verdicts": mode -> per-row 1 / 0 / -1 (not scored), "heatmaps": list of written PNG paths}.
     """
     k = _method_answer_tokens(method)
@@ -212,6 +248,8 @@ def evaluate(
         scores[mode]["disentangle_ci"] = ci
     for mode, table in located.items():
         scores[mode]["localisation"] = localisation.summarise(rows, table)
+    for mode, table in (template_scores(rows, correct) or {}).items():
+        scores[mode]["templates"] = table
     results = {
         "method": getattr(method, "name", type(method).__name__),
         "step": getattr(method, "step", None),  # the checkpoint scored, for a trained run
@@ -370,6 +408,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
               "| attribute | mode | cause | isolate | disentangle | causal rows | isolate rows | 95% CI |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += _breakdown(results, modes, "attributes", lambda a: [str(a["n_causal"]), str(a["n_isolate"])])
+    lines += template_markdown(results)
     lines += localisation_markdown(results)
     if results.get("heatmaps"):
         lines += ["", "## Selection heatmaps", ""] + [f"- {p}" for p in results["heatmaps"]]
@@ -387,6 +426,27 @@ def _breakdown(results: Mapping[str, Any], modes: Sequence[str], level: str, ext
             if scores is not None:
                 cells = [name, mode, *(format_pct(scores[k]) for k in ("cause", "isolate", "disentangle")),
                          *extra(scores), _ci(results, mode, level, name)]
+                lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def template_markdown(results: Mapping[str, Any]) -> list[str]:
+    """The per-base-template table of the intervention modes, or nothing when rows carry no template."""
+    modes = [m for m in _ordered_modes(results) if m != NO_INTERVENTION and "templates" in results["modes"][m]]
+    if not modes:
+        return []
+    lines = ["", "## Per base template (the template of the base prompt; no intervention: cause 0, isolate 100)", "",
+             "| asks | template | mode | cause | isolate | disentangle | causal rows | isolate rows |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    tables = {m: {(t["attribute"], t["template"]): t for t in results["modes"][m]["templates"]} for m in modes}
+    for key in sorted({k for table in tables.values() for k in table}):
+        for mode in modes:
+            t = tables[mode].get(key)
+            if t is not None:
+                template = " ".join(t["template"].split()).replace("|", "\\|")
+                cells = [t["attribute"], f"`{template}`", mode,
+                         *(format_pct(t[k]) for k in ("cause", "isolate", "disentangle")),
+                         str(t["n_causal"]), str(t["n_isolate"])]
                 lines.append("| " + " | ".join(cells) + " |")
     return lines
 

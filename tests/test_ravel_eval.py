@@ -507,6 +507,49 @@ def test_prepare_ravel_end_to_end_on_smollm2(smollm2_target_dir, ravel_tgz, tmp_
     shutil.rmtree(out)
 
 
+# ----------------------------------------------------------------------------- per-template scores
+
+
+def test_template_scores_group_rows_by_base_template(tmp_path):
+    rows, soft = _prediction_set()
+    # Two templates per queried attribute, alternating over that attribute's rows; one holds a "|".
+    seen: dict[str, int] = {}
+    for row in rows:
+        n = seen[row["attribute"]] = seen.get(row["attribute"], 0) + 1
+        row["base_template"] = f"{row['attribute']} {'a|b' if n % 2 else 'c'} %s"
+    results = ev.evaluate(FakeMethod(rows, soft), rows, _word_tokenizer(), modes=("soft",),
+                          collate_options=collate.CollateOptions(batch_size=4, length_buckets=(8, 16)),
+                          progress=False)
+    table = results["modes"]["soft"]["templates"]
+    scored = [i for i, row in enumerate(rows) if i != 7]  # row 7 is dropped (too long), never counted
+    expected = {}
+    for i in scored:
+        row = rows[i]
+        entry = expected.setdefault((row["attribute"], row["base_template"]), [0, 0, 0, 0])
+        entry[0 if is_causal(row) else 2] += 1
+        entry[1 if is_causal(row) else 3] += int(soft[i])
+    assert [(t["attribute"], t["template"]) for t in table] == sorted(expected)
+    for t in table:
+        nc, cc, ni, ci = expected[(t["attribute"], t["template"])]
+        assert (t["n_causal"], t["n_isolate"]) == (nc, ni)
+        assert t["cause"] == (cc / nc if nc else None) and t["isolate"] == (ci / ni if ni else None)
+        assert t["disentangle"] == ev._disentangle(t["cause"], t["isolate"])
+    assert sum(t["n_causal"] + t["n_isolate"] for t in table) == len(scored)
+    # The baseline gets its own table: every template at cause 0 / isolate 100.
+    assert all(t["cause"] in (0.0, None) and t["isolate"] in (1.0, None)
+               for t in results["modes"]["no intervention"]["templates"])
+    # Markdown: one line per template and intervention mode, the "|" escaped, no baseline lines.
+    markdown = ev.results_markdown(results)
+    section = markdown[markdown.index("## Per base template"):]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(lines) == len(table) and all("| soft |" in line for line in lines)
+    first = table[0]
+    assert lines[0].startswith(f"| {first['attribute']} | `{first['template'].replace('|', chr(92) + '|')}` | soft | ")
+    # Rows without the column (or with it on only some rows) get no template table.
+    del rows[0]["base_template"]
+    assert ev.template_scores(rows, {"soft": soft.astype(np.int8)}) is None
+
+
 # ----------------------------------------------------------------------------- intervals and localisation
 
 

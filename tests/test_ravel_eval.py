@@ -510,7 +510,7 @@ def test_prepare_ravel_end_to_end_on_smollm2(smollm2_target_dir, ravel_tgz, tmp_
 # ----------------------------------------------------------------------------- per-template scores
 
 
-def test_template_scores_group_rows_by_base_template(tmp_path):
+def test_template_scores_group_rows_by_base_template():
     rows, soft = _prediction_set()
     # Two templates per queried attribute, alternating over that attribute's rows; one holds a "|".
     seen: dict[str, int] = {}

@@ -411,6 +411,33 @@ class SparsityConfig:
         require(0 <= self.warmup_ratio < 1, f"train.sparsity.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
 
 
+HARD_TRAIN_MODES = ("column_argmax", "bidding_argmax", "global_argmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class StraightThroughConfig:
+    """Beyond the paper: training through an inference mode's hard selection (straight-through).
+
+    From step int(start_ratio·steps) on, the first round(share·b) rows of every batch are patched with
+    `mode`'s one-hot selection, the matrix that mode uses at inference, while the gradient reaches the
+    soft A as if A itself had been used (A + stop_gradient(hard − A)); the other rows train on A.
+    `mode` None: off (the original trains on A only).
+    """
+
+    _where = "train.straight_through"
+
+    mode: str | None = None
+    start_ratio: float = 0.5
+    share: float = 0.5
+
+    def __post_init__(self):
+        require(self.mode is None or self.mode in HARD_TRAIN_MODES,
+                f"train.straight_through.mode must be null or one of {HARD_TRAIN_MODES}, got {self.mode!r}")
+        require(0 <= self.start_ratio < 1, f"train.straight_through.start_ratio must be in [0, 1), "
+                f"got {self.start_ratio!r}")
+        require(0 < self.share <= 1, f"train.straight_through.share must be in (0, 1], got {self.share!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation (§7)."""
@@ -432,6 +459,7 @@ class TrainConfig:
     causal_loss_weight: float = 3.5
     iso_loss_weight: float = 0.5
     sparsity: SparsityConfig = SparsityConfig()
+    straight_through: StraightThroughConfig = StraightThroughConfig()
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end

@@ -134,13 +134,20 @@ class StepContext:
     forward: Any = forward  # (model, target, batch, spec, step, rng) -> Outputs; MDAS brings its own
 
 
-def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int = 8) -> ForwardSpec:
+def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int = 8,
+                     training: bool = False) -> ForwardSpec:
+    """The forward's static choices; `training` adds the straight-through selection (train.straight_through)."""
     iv = cfg.intervention
+    st = cfg.train.straight_through
+    hard = {}
+    if training and st.mode is not None:
+        hard = dict(straight_through=st.mode, straight_through_from=int(st.start_ratio * cfg.train.steps),
+                    straight_through_share=st.share)
     return ForwardSpec(layer=iv.layer, mode=mode, window=window, total_steps=cfg.train.steps,
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
                        bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,
                        remat=cfg.target.remat, similarity_prior=iv.similarity_prior,
-                       self_positions=iv.self_positions, pair_positions=iv.pair_positions)
+                       self_positions=iv.self_positions, pair_positions=iv.pair_positions, **hard)
 
 
 def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):
@@ -251,14 +258,14 @@ class Steps:
         """Optimizer state laid out as `opt_shardings` (moments like their parameters, scalars replicated)."""
         return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
 
-    def context(self, mode: str, window: int) -> StepContext:
-        spec = spec_from_config(self.cfg, mode=mode, window=window)
+    def context(self, mode: str, window: int, training: bool = False) -> StepContext:
+        spec = spec_from_config(self.cfg, mode=mode, window=window, training=training)
         return StepContext(self.graphdef, self.target_graphdef, spec, self.cfg.train, self.n_answer_tokens,
                            self.forward_fn)
 
     @functools.cache
     def train_fn(self, window: int):
-        fn = functools.partial(train_step, ctx=self.context("soft", window), tx=self.tx)
+        fn = functools.partial(train_step, ctx=self.context("soft", window, training=True), tx=self.tx)
         return jax.jit(fn, donate_argnums=(0, 1), out_shardings=(self.param_shardings, self.opt_shardings, None))
 
     @functools.cache

@@ -307,3 +307,53 @@ def test_similarity_prior_switch_changes_the_selection_only_when_on(setup):
     np.testing.assert_allclose(sel.sum(axis=1), 1.0, atol=1e-6)
     assert np.abs(sel - off).max() > 0.05
     np.testing.assert_array_equal(sel[:, -1][batch["base_intervention_mask"] == 0], 1.0)  # masks still exact
+
+
+def test_straight_through_patches_with_the_hard_selection_and_trains_the_soft_one():
+    """train.straight_through: the training forward is the soft one before its start step; from it on the
+    first share of the rows is patched exactly as the hard mode patches at inference, while the selection
+    head still gets a gradient (the hard mode alone gives it none). Evaluation never uses it."""
+    def steps_for(share):
+        cfg, target, model = tiny(["train.steps=10", "train.straight_through.mode=bidding_argmax",
+                                   "train.straight_through.start_ratio=0.5", f"train.straight_through.share={share}",
+                                   "train.sparsity.enabled=false"])  # its term would give the head a gradient
+        for name in ("q_proj", "k_proj", "q_combine"):  # sharper A, so that some bids beat SELF
+            kernel = getattr(model.head, name).kernel
+            kernel[...] = kernel[...] * 15.0
+        return Steps(model, target, cfg)
+
+    steps = steps_for(0.5)
+    batch = make_batch(np.random.default_rng(9))
+    w = label_window(batch["labels"])
+    train, soft, hard = (steps.context("soft", w, training=True), steps.context("soft", w),
+                         steps.context("bidding_argmax", w))
+    assert train.spec.straight_through_from == 5 and soft.spec.straight_through is None
+
+    def outputs(ctx, step, params=steps.params):
+        run = jax.jit(lambda p, t, s: ctx.forward(nnx.merge(ctx.graphdef, p), nnx.merge(ctx.target_graphdef, t),
+                                                  batch, ctx.spec, s))
+        return run(params, steps.target_state, jnp.asarray(step))
+
+    def grads(ctx, step, params=steps.params):
+        grad = jax.jit(jax.grad(lambda p, t, s: loss_fn(p, t, batch, s, jax.random.key(0), ctx)[0]))
+        return nnx.to_pure_dict(grad(params, steps.target_state, jnp.asarray(step)))
+
+    logits = {k: np.asarray(outputs(c, 5).logits) for k, c in (("soft", soft), ("hard", hard))}
+    chosen = np.asarray(outputs(hard, 5).selection)[:2, :-1]
+    assert chosen.sum() > 0  # the hard mode patches something on the straight-through rows
+    assert np.abs(logits["hard"][:2] - logits["soft"][:2]).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(outputs(train, 4).logits), logits["soft"], atol=1e-6, rtol=0)
+    after = np.asarray(outputs(train, 5).logits)
+    np.testing.assert_allclose(after[:2], logits["hard"][:2], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(after[2:], logits["soft"][2:], atol=1e-6, rtol=0)
+    assert float(optax_norm(grads(hard, 5)["head"])) == 0.0
+    assert float(optax_norm(grads(train, 5)["head"])) > 0
+
+    # Every row through the hard selection: the subspace sees exactly the hard mode's patch, so its
+    # gradient is the hard mode's; the head's is not zero.
+    whole = steps_for(1.0)
+    train_all = whole.context("soft", w, training=True)
+    g_st, g_hard = grads(train_all, 7, whole.params), grads(hard, 7, whole.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_st["subspace"],
+                 g_hard["subspace"])
+    assert float(optax_norm(g_st["head"])) > 0

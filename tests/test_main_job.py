@@ -76,6 +76,9 @@ def test_main_job_refuses_to_reuse_a_stage_trained_with_other_settings(tmp_path,
      ["reflection-vector lr 0.001", "sparsity weight constant 0.25"], ["->"]),
     (["intervention.subspace=das", "intervention.reflections=1", "train.sparsity.enabled=false"], ["das subspace of rank 128", "sparsity weight off"],
      ["reflection"]),
+    (["train.straight_through.mode=bidding_argmax"],
+     ["straight-through bidding_argmax on 50% of each batch from step 250"], []),
+    ([], [], ["straight-through"]),
 ])
 def test_report_settings_name_what_was_trained(tmp_path, overrides, expected, absent):
     from hyperdas_jax.mdas import TRAIN_OVERRIDES

@@ -77,6 +77,11 @@ class ForwardSpec:
     similarity_prior: float = 0.0  # scale of `selection.similarity_prior` added to the pair logits; 0 = off
     self_positions: str = "real"  # "real" or "original": see InterventionConfig.self_positions
     pair_positions: str = "rope"  # "rope" or "none": see InterventionConfig.pair_positions
+    # Training only (TrainConfig.straight_through): from step `straight_through_from` on, the first
+    # round(straight_through_share·b) rows are patched with this mode's hard selection, gradients through A.
+    straight_through: str | None = None
+    straight_through_from: int = 0
+    straight_through_share: float = 0.0
 
 
 def clean_hidden_states(target: Llama, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -132,6 +137,9 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
                       prior=prior, positions=spec.pair_positions)
     a = select(soft, spec.mode, base_entity_pos=batch.get("base_entity_pos"),
                source_entity_pos=batch.get("source_entity_pos"), threshold=spec.bidding_threshold)
+    if spec.straight_through is not None:
+        a = straight_through(a, select(soft, spec.straight_through, threshold=spec.bidding_threshold),
+                             step >= spec.straight_through_from, round(spec.straight_through_share * a.shape[0]))
 
     base_l, src_l = hs_base[L], hs_src[L]  # raw residual streams entering block L
     mixed = mix_sources(a, base_l, src_l)
@@ -143,6 +151,16 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     w = spec.window
     logits = target.unembed(h[:, -w - 1:-1])  # position t-1 predicts the label at t
     return Outputs(logits, batch["labels"][:, -w:], a, soft)
+
+
+def straight_through(a: jax.Array, hard: jax.Array, on, rows: int) -> jax.Array:
+    """`hard` in the forward pass for the first `rows` examples once `on`, with the gradient of `a`.
+
+    a, hard: (b, i+1, j); on: a bool scalar (may be traced). Returns (b, i+1, j): a + stop_gradient(hard − a)
+    on the chosen rows, `a` itself elsewhere.
+    """
+    chosen = (jnp.arange(a.shape[0]) < rows)[:, None, None] & on  # (b, 1, 1)
+    return a + jax.lax.stop_gradient(jnp.where(chosen, hard - a, 0.0))
 
 
 def run_upper_blocks(target: Llama, h: jax.Array, attn, start: int, remat: bool) -> jax.Array:

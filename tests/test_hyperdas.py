@@ -329,17 +329,22 @@ def test_straight_through_patches_with_the_hard_selection_and_trains_the_soft_on
                          steps.context("bidding_argmax", w))
     assert train.spec.straight_through_from == 5 and soft.spec.straight_through is None
 
+    compiled = {}  # one program per (context, forward or gradient); the step is an argument
+
     def outputs(ctx, step, params=steps.params):
-        run = jax.jit(lambda p, t, s: ctx.forward(nnx.merge(ctx.graphdef, p), nnx.merge(ctx.target_graphdef, t),
-                                                  batch, ctx.spec, s))
+        run = compiled.setdefault(("forward", id(ctx)), jax.jit(
+            lambda p, t, s: ctx.forward(nnx.merge(ctx.graphdef, p), nnx.merge(ctx.target_graphdef, t), batch,
+                                        ctx.spec, s)))
         return run(params, steps.target_state, jnp.asarray(step))
 
     def grads(ctx, step, params=steps.params):
-        grad = jax.jit(jax.grad(lambda p, t, s: loss_fn(p, t, batch, s, jax.random.key(0), ctx)[0]))
+        grad = compiled.setdefault(("grad", id(ctx)), jax.jit(jax.grad(
+            lambda p, t, s: loss_fn(p, t, batch, s, jax.random.key(0), ctx)[0])))
         return nnx.to_pure_dict(grad(params, steps.target_state, jnp.asarray(step)))
 
-    logits = {k: np.asarray(outputs(c, 5).logits) for k, c in (("soft", soft), ("hard", hard))}
-    chosen = np.asarray(outputs(hard, 5).selection)[:2, :-1]
+    hard_out = outputs(hard, 5)
+    logits = {"soft": np.asarray(outputs(soft, 5).logits), "hard": np.asarray(hard_out.logits)}
+    chosen = np.asarray(hard_out.selection)[:2, :-1]
     assert chosen.sum() > 0  # the hard mode patches something on the straight-through rows
     assert np.abs(logits["hard"][:2] - logits["soft"][:2]).max() > 1e-3
     np.testing.assert_allclose(np.asarray(outputs(train, 4).logits), logits["soft"], atol=1e-6, rtol=0)

@@ -28,14 +28,19 @@ FORMAT = 1
 ITEMS = ("params", "opt_state", "meta")
 
 
-class _QuietMissingMetrics(logging.Filter):
-    """Steps saved between evaluations have no metrics by design; Orbax warns about each one."""
+class _QuietByDesign(logging.Filter):
+    """Orbax warnings about what this module does on purpose: steps saved between evaluations carry
+    no metrics, and a run is opened read-only to list or read its checkpoints."""
+
+    EXPECTED = ("did not provide metrics", "read_only=True, setting save_interval_steps=0",
+                "Given directory is read only")
 
     def filter(self, record):
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self.EXPECTED)
 
 
-logging.getLogger("absl").addFilter(_QuietMissingMetrics())
+logging.getLogger("absl").addFilter(_QuietByDesign())
 
 
 class CheckpointError(RuntimeError):
@@ -228,12 +233,10 @@ class RunCheckpoints:
             raise CheckpointError(f"{where}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
         return meta
 
-    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[Any, Any, dict]:
-        """(params, opt_state or None, meta) at `step`, placed as the abstract trees' shardings say.
+    def check(self, step: int, abstract_params, abstract_opt_state=None) -> dict:
+        """The meta of `step` once its trees are known to match the abstract ones (names, shapes, dtypes).
 
-        Raises:
-          CheckpointError: the step is missing, its files are corrupt, or its trees do not match
-            the abstract ones (names, shapes, dtypes).
+        Reads metadata only, no arrays. Raises CheckpointError as `restore` does.
         """
         where = self.directory / str(step)
         if step not in self.all_steps():
@@ -254,6 +257,20 @@ class RunCheckpoints:
             if tree is None:
                 raise CheckpointError(f"{where}: item '{name}' is missing")
             _compare(_flat_meta(tree), _flat_meta(to_nested(like)), name, str(where))
+        return meta
+
+    def restore(self, step: int, abstract_params, abstract_opt_state=None) -> tuple[Any, Any, dict]:
+        """(params, opt_state or None, meta) at `step`, placed as the abstract trees' shardings say.
+
+        Raises:
+          CheckpointError: the step is missing, its files are corrupt, or its trees do not match
+            the abstract ones (names, shapes, dtypes).
+        """
+        where = self.directory / str(step)
+        meta = self.check(step, abstract_params, abstract_opt_state)
+        items = {"params": abstract_params}
+        if abstract_opt_state is not None:
+            items["opt_state"] = abstract_opt_state
         args = {name: ocp.args.StandardRestore(to_nested(like)) for name, like in items.items()}
         try:
             with _quiet_abandoned_reads():
@@ -298,20 +315,27 @@ def read_run_config(run_dir: str | pathlib.Path):
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def run_config(run_dir: str | pathlib.Path, config: str | None, overrides=(), *, resume: bool = False):
-    """The ExperimentConfig a training command asks for: the YAML `config` with `overrides`, or, when
-    resuming without one, the run's stored config.json with `overrides` (ConfigError otherwise)."""
+def run_config(run_dir: str | pathlib.Path, config: str | None, overrides=(), *, resume: bool = False,
+               branch_from: str | pathlib.Path | None = None):
+    """The ExperimentConfig a training command asks for: the YAML `config` with `overrides`; without
+    one, the stored config.json with `overrides` of the run when resuming it, else of `branch_from`'s
+    run (ConfigError otherwise)."""
     from hyperdas_jax.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config, to_dict
 
     if config is not None:
         return load_config(config, overrides)
+    stored_in = None
     if resume and (pathlib.Path(run_dir) / "config.json").is_file():
-        try:
-            stored = read_run_config(run_dir)
-        except CheckpointError as e:
-            raise ConfigError(str(e)) from None
-        return from_dict(ExperimentConfig, apply_overrides(to_dict(stored), list(overrides)))
-    raise ConfigError("give --config (or --resume on a run that has config.json)")
+        stored_in = run_dir
+    elif branch_from is not None:
+        stored_in = branch_from
+    if stored_in is None:
+        raise ConfigError("give --config (or --resume on a run that has config.json, or --branch-from a run)")
+    try:
+        stored = read_run_config(stored_in)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    return from_dict(ExperimentConfig, apply_overrides(to_dict(stored), list(overrides)))
 
 
 def target_tokenizer(cfg):

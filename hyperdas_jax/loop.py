@@ -18,7 +18,7 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -28,7 +28,6 @@ from hyperdas_jax.checkpoint import CheckpointError, RunCheckpoints, abstract_li
 from hyperdas_jax.clean_states import make_cache
 from hyperdas_jax.config import ConfigError, ExperimentConfig, check_fits_target, from_dict, to_dict
 from hyperdas_jax.models.hyperdas import HyperDAS, build_hyperdas
-from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.sharding import (
     abstract_module,
     mesh_from_config,
@@ -36,7 +35,7 @@ from hyperdas_jax.sharding import (
     use_mesh,
 )
 from hyperdas_jax.target import build_target, read_model_config, target_model_config
-from hyperdas_jax.train import Steps, label_window
+from hyperdas_jax.train import Steps, label_window, make_optimizer
 
 IGNORE = -100
 # Config fields that may change when a run is resumed; anything else must match the checkpoint.
@@ -50,9 +49,10 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
 # Models
 
 
-def abstract_hyperdas(target: Llama, cfg: ExperimentConfig, mesh):
-    """(graphdef, abstract sharded state) of the HyperDAS model, nothing allocated (restore target)."""
-    return abstract_module(lambda: HyperDAS(target.config, cfg, rngs=nnx.Rngs(0)), mesh)
+def abstract_hyperdas(target_cfg, cfg: ExperimentConfig, mesh):
+    """(graphdef, abstract sharded state) of the HyperDAS model for a target of ModelConfig `target_cfg`,
+    nothing allocated (restore target)."""
+    return abstract_module(lambda: HyperDAS(target_cfg, cfg, rngs=nnx.Rngs(0)), mesh)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +354,20 @@ def truncate_metrics(path: pathlib.Path, step: int) -> None:
     replace_text(path, "".join(kept))
 
 
+def copy_metrics(origin: pathlib.Path, path: pathlib.Path, step: int, record: dict) -> None:
+    """Writes `path` as `origin`'s records up to `step` (none if it is missing) followed by `record`."""
+    kept = []
+    if origin.is_file():
+        for line in origin.read_text().splitlines():
+            try:
+                old = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(old, dict) and old.get("step", 0) <= step:
+                kept.append(line + "\n")
+    replace_text(path, "".join(kept) + json.dumps(record) + "\n")
+
+
 def replace_text(path: pathlib.Path, text: str) -> None:
     """Writes `path` whole or not at all (a sibling temporary file renamed over it)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -426,9 +440,43 @@ def _get(tree, dotted):
     return tree
 
 
+class Branch(NamedTuple):
+    """Where a new run starts: another run's checkpoint (see `train`'s `branch`)."""
+
+    run: str | pathlib.Path
+    step: str | int = "latest"  # "latest", "best" or a step number
+
+
+def check_branch(branch: Branch, cfg: ExperimentConfig, target_cfg, mesh) -> tuple[int, list[str]]:
+    """(the branch's start step, the config fields it changes); a clear error before anything is written.
+
+    The model and optimizer trees of `cfg` must match the checkpoint's (names, shapes, dtypes): a
+    branch changes how training goes on, never what is trained.
+    """
+    origin = pathlib.Path(branch.run)
+    checkpoints = RunCheckpoints(origin / "checkpoints", read_only=True)
+    try:
+        step = checkpoints.resolve(branch.step)
+        stored = checkpoints.read_meta(step)["config"]
+        changed = config_differences(with_defaults(stored), to_dict(cfg))
+        if step > cfg.train.steps:
+            raise ConfigError(f"train.steps={cfg.train.steps} is below the branch point, step {step} of {origin}")
+        params = abstract_like(nnx.split(nnx.merge(*abstract_hyperdas(target_cfg, cfg, mesh)), nnx.Param)[1])
+        opt = jax.eval_shape(make_optimizer(cfg.train).init, params)
+        try:
+            checkpoints.check(step, params, opt)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}\na branch keeps the model and its optimizer state; it changes "
+                                  f"{', '.join(changed) or 'nothing'}") from None
+    finally:
+        checkpoints.close()
+    return step, changed
+
+
 def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | int | None = None,
-          batches=None, eval_batches=None, eval_fn: Callable[[Any], dict] | None = None, mesh=None,
-          progress: bool = True, async_checkpoints: bool = True) -> RunResult:
+          branch: Branch | None = None, batches=None, eval_batches=None,
+          eval_fn: Callable[[Any], dict] | None = None, mesh=None, progress: bool = True,
+          async_checkpoints: bool = True) -> RunResult:
     """Trains HyperDAS as `cfg` says, writing config, checkpoints and metrics under `run_dir`.
 
     Args:
@@ -436,6 +484,13 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
       run_dir: the run directory (created).
       resume: None (a fresh run; an existing checkpoint is an error), "latest" or a step number
         (continue from that checkpoint; none is an error), or "auto" (latest if there is one).
+      branch: a run without checkpoints starts from this other run's checkpoint instead of from
+        scratch: its parameters, optimizer state, step and data position, under `cfg`'s settings
+        (which may differ from the checkpoint's anywhere that keeps the parameter and optimizer
+        trees). The RNG follows `cfg.train.seed`, so a branch with the checkpoint's settings repeats
+        the origin run bit for bit. The origin's metrics up to the branch step are copied, then a
+        "branch" record naming the origin, the step and the changed fields. Ignored once the run
+        has checkpoints of its own (a resumed branch continues itself).
       batches: training batches instead of data.train: a sequence (cycled), a callable
         position -> batch, an object with `.batch(position)`, or an iterable.
       eval_batches: evaluation batches instead of data.validation.
@@ -448,17 +503,26 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
     """
     run = pathlib.Path(run_dir)
     # Settings that depend on the target's shape fail before anything is written.
-    check_fits_target(cfg, read_model_config(cfg.target.path) if cfg.target.path else target_model_config(cfg))
+    target_cfg = read_model_config(cfg.target.path) if cfg.target.path else target_model_config(cfg)
+    check_fits_target(cfg, target_cfg)
     mesh = mesh if mesh is not None else mesh_from_config(cfg.mesh)
     lead = jax.process_index() == 0
     t = cfg.train
-    checkpoints = RunCheckpoints(run / "checkpoints", keep=t.keep_checkpoints, async_save=async_checkpoints)
-    latest = checkpoints.latest_step()
+    own = run / "checkpoints"
+    latest = None
+    if own.is_dir():
+        existing = RunCheckpoints(own, read_only=True)
+        latest = existing.latest_step()
+        existing.close()
     if resume is None and latest is not None:
         raise CheckpointError(f"{run} already holds checkpoints (latest step {latest}); pass --resume to "
                               "continue it or choose another --run")
     if resume == "auto":
         resume = "latest" if latest is not None else None
+    branch_step, changed = None, []
+    if branch is not None and resume is None:
+        branch_step, changed = check_branch(branch, cfg, target_cfg, mesh)
+    checkpoints = RunCheckpoints(own, keep=t.keep_checkpoints, async_save=async_checkpoints)
     start = checkpoints.resolve(resume) if resume is not None else None
     if start is not None:  # before building anything: a mismatched config fails fast
         stored = checkpoints.read_meta(start)["config"]
@@ -475,23 +539,34 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
 
     target = build_target(cfg, mesh)
     tokenizer = target_tokenizer(cfg)
-    if start is None:
+    if start is None and branch_step is None:
         model = build_hyperdas(target, cfg, seed=t.seed + 1, mesh=mesh)
         steps = Steps(model, target, cfg)
         params, opt_state = steps.params, steps.init_opt_state(steps.params)
         step, position, base_key = 0, 0, jax.random.key(t.seed)
-        if lead:
-            run.mkdir(parents=True, exist_ok=True)
-            (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     else:
-        graphdef, abstract = abstract_hyperdas(target, cfg, mesh)
+        graphdef, abstract = abstract_hyperdas(target.config, cfg, mesh)
         steps = Steps(nnx.merge(graphdef, abstract), target, cfg)
         abstract_opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                     jax.eval_shape(steps.tx.init, steps.params), steps.opt_shardings)
-        params, opt_state, meta = checkpoints.restore(start, abstract_like(steps.params), abstract_opt)
+        origin = checkpoints if start is not None else RunCheckpoints(pathlib.Path(branch.run) / "checkpoints",
+                                                                      read_only=True)
+        params, opt_state, meta = origin.restore(start if start is not None else branch_step,
+                                                 abstract_like(steps.params), abstract_opt)
         steps.params = params
         step, position = meta["step"], meta["position"]
-        base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
+        if start is not None:
+            base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
+        else:
+            origin.close()
+            base_key = jax.random.key(t.seed)  # the checkpoint's key when the seed is unchanged
+    if start is None and lead:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        if branch_step is not None:
+            copy_metrics(pathlib.Path(branch.run) / "metrics.jsonl", run / "metrics.jsonl", branch_step,
+                         {"event": "branch", "step": branch_step, "from": str(pathlib.Path(branch.run).absolute()),
+                          "changed": changed})
 
     source = as_source(batches) if batches is not None else training_source(cfg, tokenizer, target.config.vocab_size)
     steps.cache = make_cache(steps, cached_examples(cfg, source, tokenizer, eval_batches), progress=progress and lead)

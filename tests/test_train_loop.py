@@ -200,3 +200,53 @@ def test_kill9_and_sigterm_then_resume_is_bit_identical(cli, uninterrupted, tmp_
     # Every logged loss of the interrupted runs equals the uninterrupted run's at the same step.
     reference = train_losses(uninterrupted)
     assert all(r["loss"] == reference[r["step"]] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "train")
+
+
+# --------------------------------------------------------------------------------------------
+# --branch-from: a new run from another run's checkpoint
+
+
+def test_branch_with_the_same_settings_repeats_the_origin_bit_for_bit(cli, uninterrupted, tmp_path):
+    run = tmp_path / "branch"
+    before = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    code, out = finish(cli(run, "--branch-from", str(uninterrupted), "--branch-step", "9"))
+    assert code == 0 and "finished at step 12" in out, out
+    assert_bit_identical(final_state(run), final_state(uninterrupted))
+    records = read_jsonl(run / "metrics.jsonl")
+    origin = read_jsonl(uninterrupted / "metrics.jsonl")
+    copied = [r for r in origin if r["step"] <= 9]
+    assert records[:len(copied)] == copied  # the origin's curve up to the branch point
+    assert records[len(copied)] == {"event": "branch", "step": 9, "from": str(uninterrupted.absolute()),
+                                    "changed": []}
+    untimed = lambda rs: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rs]  # noqa: E731
+    assert untimed(records[len(copied) + 1:]) == untimed(r for r in origin if r["step"] > 9)
+    assert RunCheckpoints(run / "checkpoints", read_only=True).all_steps() == [12]  # 9 and below stay the origin's
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == before  # the origin is only read
+
+
+def test_branch_with_a_new_setting_trains_on_from_the_checkpoint(cli, uninterrupted, tmp_path):
+    run = tmp_path / "branch"
+    code, out = finish(cli(run, "--branch-from", str(uninterrupted), "--branch-step", "9", "--set", "train.lr=1e-2"))
+    assert code == 0 and "finished at step 12" in out, out
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == 1e-2
+    branch = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "branch"]
+    assert branch == [{"event": "branch", "step": 9, "from": str(uninterrupted.absolute()), "changed": ["train.lr"]}]
+    losses, reference = train_losses(run), train_losses(uninterrupted)
+    assert losses[10] == reference[10]  # the step-10 loss is measured before its update, at the shared state
+    assert losses[11] != reference[11] and losses[12] != reference[12]
+    mine, theirs = final_state(run)["params"], final_state(uninterrupted)["params"]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs)))
+
+
+def test_branch_refuses_another_model_and_writes_nothing(cli, uninterrupted, tmp_path):
+    run = tmp_path / "branch"
+    code, out = finish(cli(run, "--branch-from", str(uninterrupted), "--set", "hypernet.num_layers=2"))
+    assert code == 1 and "a branch keeps the model and its optimizer state" in out, out
+    assert "it changes hypernet.num_layers" in out and "params do not match" in out, out
+    assert not run.exists()
+    code, out = finish(cli(run, "--branch-from", str(uninterrupted), "--branch-step", "5"))
+    assert code == 1 and "no checkpoint at step 5" in out, out
+    assert not run.exists()
+    code, out = finish(cli(uninterrupted, "--branch-from", str(uninterrupted)))  # into a run with checkpoints
+    assert code == 1 and "already holds checkpoints (latest step 12)" in out, out
+    assert "WARNING" not in out, out  # opening runs read-only is by design, not worth a warning

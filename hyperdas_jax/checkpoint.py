@@ -167,7 +167,7 @@ class RunCheckpoints:
             preservation_policy=None if read_only else policy, enable_async_checkpointing=async_save,
             create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler()}
+                    "meta": ocp.JsonCheckpointHandler(), "average": ocp.StandardCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
     # -- queries -------------------------------------------------------------------------------
@@ -208,13 +208,17 @@ class RunCheckpoints:
 
     # -- save / restore ------------------------------------------------------------------------
 
-    def save(self, step: int, params, opt_state, meta: dict[str, Any], metrics: dict | None = None) -> None:
+    def save(self, step: int, params, opt_state, meta: dict[str, Any], metrics: dict | None = None,
+             average=None) -> None:
         """Starts an (asynchronous) save; the device->host copy is done before this returns, so the
-        caller may donate `params`/`opt_state` to the next step straight away."""
+        caller may donate `params`/`opt_state` to the next step straight away. `average`: the running
+        mean of the weights (train.weight_average), a tree like `params`, or None."""
         meta = {"format": FORMAT, "step": int(step), **meta}
-        args = ocp.args.Composite(params=ocp.args.StandardSave(to_nested(params)),
-                                  opt_state=ocp.args.StandardSave(to_nested(opt_state)),
-                                  meta=ocp.args.JsonSave(meta))
+        items = dict(params=ocp.args.StandardSave(to_nested(params)),
+                     opt_state=ocp.args.StandardSave(to_nested(opt_state)), meta=ocp.args.JsonSave(meta))
+        if average is not None:
+            items["average"] = ocp.args.StandardSave(to_nested(average))
+        args = ocp.args.Composite(**items)
         if step in self.manager.all_steps():
             return
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
@@ -281,6 +285,26 @@ class RunCheckpoints:
         params = from_nested(abstract_params, restored["params"])
         opt_state = from_nested(abstract_opt_state, restored["opt_state"]) if abstract_opt_state is not None else None
         return params, opt_state, meta
+
+    def restore_average(self, step: int, abstract_params):
+        """The running mean of the weights saved at `step` (a tree like `abstract_params`), or None if
+        the step holds none."""
+        where = self.directory / str(step)
+        if not (where / "average").is_dir():
+            return None
+        with _quiet_abandoned_reads():
+            stored = self.manager.item_metadata(step)
+        tree = stored.get("average") if hasattr(stored, "get") else getattr(stored, "average", None)
+        _compare(_flat_meta(tree), _flat_meta(to_nested(abstract_params)), "average", str(where))
+        try:
+            with _quiet_abandoned_reads():
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    average=ocp.args.StandardRestore(to_nested(abstract_params))))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{where}: cannot restore the weight average ({type(e).__name__}: "
+                                  f"{_first_line(e)}); the checkpoint is corrupt or incomplete. "
+                                  f"{self._others(step)}") from None
+        return from_nested(abstract_params, restored["average"])
 
     def _others(self, step: int) -> str:
         """The hint naming the run's other checkpoints, which a damaged one leaves intact."""
@@ -352,7 +376,7 @@ def target_tokenizer(cfg):
 
 
 def load_trained_method(run_dir: str | pathlib.Path, *, mesh=None, step: str | int = "best",
-                        target_path: str | pathlib.Path | None = None):
+                        target_path: str | pathlib.Path | None = None, weights: str = "average"):
     """A trained HyperDAS model ready for the evaluator.
 
     Args:
@@ -361,9 +385,12 @@ def load_trained_method(run_dir: str | pathlib.Path, *, mesh=None, step: str | i
       step: "best" (highest eval accuracy), "latest", or a step number.
       target_path: the converted target to use instead of the run's `target.path` (e.g. when the
         run's relative path does not resolve from the current folder).
+      weights: "average" (the running mean of train.weight_average where the checkpoint holds one,
+        as the run's validation used it; else the trained weights) or "trained" (always the trained weights).
     Returns:
-      A `TrainedMethod` (a `HyperDASMethod` with `.config`, `.step` and `.tokenizer`, the target's
-      tokenizer or None for a random target).
+      A `TrainedMethod` (a `HyperDASMethod` with `.config`, `.step`, `.tokenizer`, the target's
+      tokenizer or None for a random target, and `.averaged`, the number of checkpoints' weights in
+      the mean used, 0 for the trained weights).
     """
     from flax import nnx
 
@@ -377,6 +404,8 @@ def load_trained_method(run_dir: str | pathlib.Path, *, mesh=None, step: str | i
             super().__init__(steps, params)
             self.config, self.step, self.tokenizer = config, step, tokenizer
 
+    if weights not in ("average", "trained"):
+        raise ValueError(f"weights must be 'average' or 'trained', got {weights!r}")
     cfg = read_run_config(run_dir)
     if target_path is not None:
         cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, path=str(target_path)))
@@ -389,7 +418,11 @@ def load_trained_method(run_dir: str | pathlib.Path, *, mesh=None, step: str | i
     resolved = checkpoints.resolve(step)
     target = build_target(cfg, mesh)
     graphdef, abstract = abstract_module(lambda: HyperDAS(target.config, cfg, rngs=nnx.Rngs(0)), mesh)
-    params, _, _ = checkpoints.restore(resolved, abstract)
+    params, _, meta = checkpoints.restore(resolved, abstract)
+    if weights == "average" and meta.get("average_count", 0) > 0:
+        params = checkpoints.restore_average(resolved, abstract)
     checkpoints.close()
     steps = Steps(nnx.merge(graphdef, params), target, cfg)
-    return TrainedMethod(steps, steps.params, config=cfg, step=resolved, tokenizer=target_tokenizer(cfg))
+    method = TrainedMethod(steps, steps.params, config=cfg, step=resolved, tokenizer=target_tokenizer(cfg))
+    method.averaged = meta.get("average_count", 0) if weights == "average" else 0
+    return method

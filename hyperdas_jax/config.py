@@ -439,6 +439,32 @@ class StraightThroughConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightAverageConfig:
+    """Beyond the paper: evaluate a running mean of the weights along training (weight averaging).
+
+    At every step s >= int(start_ratio·steps) with s % every == 0 the parameters, as they are after
+    that step's update, join a running mean; from the first such step on, evaluations (periodic
+    validation, tools.eval_ravel on the run's checkpoints) use the mean, and checkpoints keep it
+    beside the parameters. Training itself is unchanged. `start_ratio` None: off.
+    """
+
+    _where = "train.weight_average"
+
+    start_ratio: float | None = None
+    every: int = 50
+
+    def __post_init__(self):
+        require(self.start_ratio is None or 0 <= self.start_ratio < 1,
+                f"train.weight_average.start_ratio must be null or in [0, 1), got {self.start_ratio!r}")
+        _at_least(self, "every", 1)
+
+    def samples(self, step: int, steps: int) -> bool:
+        """Whether the parameters after step `step` (1-based) join the mean."""
+        return (self.start_ratio is not None and step >= int(self.start_ratio * steps)
+                and step % self.every == 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation (§7)."""
 
@@ -460,6 +486,7 @@ class TrainConfig:
     iso_loss_weight: float = 0.5
     sparsity: SparsityConfig = SparsityConfig()
     straight_through: StraightThroughConfig = StraightThroughConfig()
+    weight_average: WeightAverageConfig = WeightAverageConfig()
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end

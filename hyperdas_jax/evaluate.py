@@ -253,6 +253,7 @@ def evaluate(
     results = {
         "method": getattr(method, "name", type(method).__name__),
         "step": getattr(method, "step", None),  # the checkpoint scored, for a trained run
+        "averaged": getattr(method, "averaged", 0),  # weights averaged over this many checkpoints (0: as trained)
         "n_answer_tokens": n_answer_tokens,
         "num_rows": len(rows),
         "num_scored": int(scored.sum()),
@@ -384,7 +385,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     modes = _ordered_modes(results)
     lines = [
         f"# RAVEL evaluation: {results['method']}"
-        + (f" (checkpoint step {results['step']})" if results.get("step") is not None else ""),
+        + (f" (checkpoint step {results['step']})" if results.get("step") is not None else "")
+        + (f" (weights: the mean of {results['averaged']} checkpoints', train.weight_average)"
+           if results.get("averaged") else ""),
         "",
         f"Exact match on the {'whole answer' if k is None else f'first {k} answer tokens'} (teacher-forced). "
         f"{results['num_scored']} of {results['num_rows']} rows scored"

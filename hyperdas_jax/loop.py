@@ -539,6 +539,8 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
 
     target = build_target(cfg, mesh)
     tokenizer = target_tokenizer(cfg)
+    average_on = t.weight_average.start_ratio is not None
+    average, count = None, 0  # the running mean of the weights (train.weight_average) and its sample count
     if start is None and branch_step is None:
         model = build_hyperdas(target, cfg, seed=t.seed + 1, mesh=mesh)
         steps = Steps(model, target, cfg)
@@ -555,6 +557,9 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
                                                  abstract_like(steps.params), abstract_opt)
         steps.params = params
         step, position = meta["step"], meta["position"]
+        if average_on and meta.get("average_count", 0) > 0:
+            average = origin.restore_average(start if start is not None else branch_step, abstract_like(params))
+            count = meta["average_count"]
         if start is not None:
             base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         else:
@@ -575,6 +580,9 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
         eval_fn = None if evaluator is None else (lambda method: evaluator(method))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_key = jax.jit(lambda k, s: jax.random.fold_in(k, s), out_shardings=replicated)
+    # mean + (x − mean) / n: with n = 1 a fresh copy of x (the parameters are donated to the next step).
+    add_to_average = jax.jit(lambda mean, x, n: jax.tree.map(lambda m, p: m + (p - m) / n, mean, x),
+                             out_shardings=steps.param_shardings)
 
     if lead:
         truncate_metrics(run / "metrics.jsonl", step)
@@ -587,8 +595,8 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
 
     def save(evaluation=None):
         meta = {"position": position, "rng": np.asarray(jax.random.key_data(base_key)).tolist(),
-                "seed": t.seed, "config": to_dict(cfg)}
-        checkpoints.save(step, params, opt_state, meta, metrics=evaluation)
+                "seed": t.seed, "config": to_dict(cfg), "average_count": count}
+        checkpoints.save(step, params, opt_state, meta, metrics=evaluation, average=average)
 
     from tqdm import tqdm
 
@@ -608,6 +616,9 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
                     checkpoints.wait()
                     raise NonFiniteError(step + 1, stopped, checkpoints.latest_step(), run)
                 step, position = step + 1, position + 1
+                if t.weight_average.samples(step, t.steps):
+                    count += 1
+                    average = add_to_average(params if average is None else average, params, np.float32(count))
                 seen += int(np.asarray(host_batch["valid"]).sum())
                 bar.update(1)
                 if step % max(t.log_every, 1) == 0 or step == t.steps:
@@ -619,7 +630,8 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
                     bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_s']:.1f}")
                 evaluated = None
                 if eval_fn is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                    evaluated = {k: float(v) for k, v in eval_fn(ShardedMethod(steps, params, mesh)).items()}
+                    evaluated = {k: float(v) for k, v in eval_fn(ShardedMethod(
+                        steps, params if average is None else average, mesh)).items()}
                     evaluation = evaluated
                     log({"event": "eval", "step": step, **evaluated})
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))

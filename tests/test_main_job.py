@@ -78,7 +78,8 @@ def test_main_job_refuses_to_reuse_a_stage_trained_with_other_settings(tmp_path,
      ["reflection"]),
     (["train.straight_through.mode=bidding_argmax"],
      ["straight-through bidding_argmax on 50% of each batch from step 250"], []),
-    ([], [], ["straight-through"]),
+    ([], [], ["straight-through", "mean of the weights"]),
+    (["train.weight_average.start_ratio=0.7"], ["scored with the mean of the weights every 50 steps from step 350"], []),
 ])
 def test_report_settings_name_what_was_trained(tmp_path, overrides, expected, absent):
     from hyperdas_jax.mdas import TRAIN_OVERRIDES

@@ -198,7 +198,7 @@ def test_eval_cli_with_an_in_process_method(tmp_path, monkeypatch, capsys):
     method.step = 450  # what a trained run's method carries: the checkpoint it was restored from
     asked = []
     monkeypatch.setattr(eval_ravel, "load_method",
-                        lambda run_dir, target=None, step="best": asked.append(step) or method)
+                        lambda run_dir, target=None, step="best", weights="average": asked.append(step) or method)
     out = tmp_path / "eval"
     argv = ["--run", "unused", "--data", str(tmp_path / "test"), "--modes", "soft", "--out", str(out),
             "--batch-size", "4", "--heatmaps", "1", "--quiet", "--step", "450"]
@@ -462,7 +462,7 @@ def test_no_intervention_scores_cause_0_and_isolate_100_on_strict_rows(smol, sam
     method = HyperDASMethod(steps, steps.params)
     kept, _ = filtered["strict"]
     ravel_store.save_rows(kept + [_LAHORE], tmp_path / "rows")
-    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir, target=None, step="best": method)
+    monkeypatch.setattr(eval_ravel, "load_method", lambda run_dir, target=None, step="best", weights="average": method)
     out = tmp_path / "eval"
     assert eval_ravel.main(["--run", "unused", "--data", str(tmp_path / "rows"), "--modes", "--out", str(out),
                             "--quiet"]) == 0

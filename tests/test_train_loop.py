@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,3 +251,60 @@ def test_branch_refuses_another_model_and_writes_nothing(cli, uninterrupted, tmp
     code, out = finish(cli(uninterrupted, "--branch-from", str(uninterrupted)))  # into a run with checkpoints
     assert code == 1 and "already holds checkpoints (latest step 12)" in out, out
     assert "WARNING" not in out, out  # opening runs read-only is by design, not worth a warning
+
+
+# --------------------------------------------------------------------------------------------
+# train.weight_average: evaluations see the running mean of the weights; training is unchanged
+
+
+def test_weight_average_is_the_mean_of_the_sampled_steps_and_resumes_exactly(tmp_path):
+    from hyperdas_jax.checkpoint import load_trained_method, to_nested
+
+    host = lambda params: jax.tree.map(np.asarray, to_nested(params))  # noqa: E731 - as final_state reads them
+
+    batches = [make_batch(np.random.default_rng(i)) for i in range(3)]
+    mesh = make_mesh((1, 1, 1))
+    base = SMALL + ["train.steps=6", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=10"]
+    averaged = ["train.weight_average.start_ratio=0.5", "train.weight_average.every=1", "train.eval_every=2"]
+
+    reference = tmp_path / "reference"
+    train(load_config("configs/tiny.yaml", base), reference, batches=batches, eval_fn=lambda m: {"accuracy": 0.0},
+          progress=False, mesh=mesh)
+    trained = {s: final_state(reference, s)["params"] for s in range(1, 7)}
+
+    seen = []
+
+    def evaluate(method):
+        seen.append(host(method.params))
+        return {"accuracy": 0.0}
+
+    run = tmp_path / "averaged"
+    result = train(load_config("configs/tiny.yaml", base + averaged), run, batches=batches, eval_fn=evaluate,
+                   progress=False, mesh=mesh)
+    assert_bit_identical(final_state(run, 6), final_state(reference, 6))  # training itself is unchanged
+    assert_bit_identical(host(result.params), trained[6])
+    mean = lambda steps: jax.tree.map(lambda *x: np.mean(x, axis=0), *[trained[s] for s in steps])  # noqa: E731
+    # Samples at steps >= int(0.5 * 6) = 3: evaluation at step 2 sees the trained weights, at 4 and 6 the mean.
+    for got, want in zip(seen, [trained[2], mean([3, 4]), mean([3, 4, 5, 6])]):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(jax.tree.leaves(seen[2])[0], jax.tree.leaves(trained[6])[0])
+    method = load_trained_method(run, step=6)
+    assert method.averaged == 4
+    assert_bit_identical(host(method.params), seen[2])
+    method = load_trained_method(run, step=6, weights="trained")
+    assert method.averaged == 0
+    assert_bit_identical(host(method.params), trained[6])
+    assert load_trained_method(run, step=2).averaged == 0  # before the first sample: the trained weights
+
+    # Resumed from the step-4 checkpoint (as after a kill): the same mean at step 6 as straight through.
+    pieces = tmp_path / "pieces"
+    shutil.copytree(run, pieces)
+    for step in (5, 6):
+        shutil.rmtree(pieces / "checkpoints" / str(step))
+    assert RunCheckpoints(pieces / "checkpoints", read_only=True).read_meta(4)["average_count"] == 2
+    train(load_config("configs/tiny.yaml", base + averaged), pieces, resume="latest", batches=batches,
+          eval_fn=lambda m: {"accuracy": 0.0}, progress=False, mesh=mesh)
+    got = load_trained_method(pieces, step=6)
+    assert got.averaged == 4
+    assert_bit_identical(host(got.params), seen[2])

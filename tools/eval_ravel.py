@@ -14,11 +14,11 @@ from tools.cli import answer_tokens
 MODES = ("soft", "column_argmax", "bidding_argmax")
 
 
-def load_method(run_dir: str, target: str | None = None, step: str | int = "best"):
+def load_method(run_dir: str, target: str | None = None, step: str | int = "best", weights: str = "average"):
     """The evaluator's method for a trained run (the seam tests replace with an in-process method)."""
     from hyperdas_jax.checkpoint import load_trained_method
 
-    return load_trained_method(run_dir, target_path=target, step=step)
+    return load_trained_method(run_dir, target_path=target, step=step, weights=weights)
 
 
 def main(argv=None) -> int:
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
                         help="the converted target folder (default: the run config's target.path)")
     parser.add_argument("--step", default="best",
                         help="checkpoint to score: 'best' (best validation metric), 'latest' or a step number")
+    parser.add_argument("--weights", choices=("average", "trained"), default="average",
+                        help="a run trained with train.weight_average: score the mean of the weights its "
+                             "validation used (default) or the trained weights")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the run's eval setting)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     parser.add_argument("--heatmaps", type=int, default=4, help="rows that get selection heatmaps per mode")
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
 
     try:
         check_request(args.modes, args.out, args.overwrite)
-        results = evaluate_run(load_method(args.run, args.target, args.step), args.data, args.out, modes=args.modes,
+        results = evaluate_run(load_method(args.run, args.target, args.step, args.weights), args.data, args.out, modes=args.modes,
                                n_answer_tokens=args.n_answer_tokens, tokenizer=args.tokenizer,
                                batch_size=args.batch_size, limit=args.limit, heatmaps=args.heatmaps,
                                overwrite=args.overwrite, progress=not args.quiet, run=args.run)

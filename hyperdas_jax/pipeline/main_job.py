@@ -222,7 +222,7 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None) -> list[str]:
     """The report's record of what was trained (`step`: the HyperDAS checkpoint scored)."""
     t, m, iv = cfg.train, mdas_cfg.train, cfg.intervention
     reflect = iv.subspace == "reflect"
-    sp, st = t.sparsity, t.straight_through
+    sp, st, wa = t.sparsity, t.straight_through, t.weight_average
     sparsity = ("off" if not sp.enabled else f"constant {sp.start:g}" if sp.schedule == "constant" else
                 f"{sp.schedule} {sp.start:g} -> {sp.end:g} from step {int(sp.warmup_ratio * t.steps)}")
     return [
@@ -235,6 +235,8 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None) -> list[str]:
         + f"causal/isolate weights {t.causal_loss_weight:g}/{t.iso_loss_weight:g}, sparsity weight {sparsity}"
         + (f", straight-through {st.mode} on {st.share:.0%} of each batch from step {int(st.start_ratio * t.steps)}"
            if st.mode is not None else "")
+        + (f", scored with the mean of the weights every {wa.every} steps from step {int(wa.start_ratio * t.steps)}"
+           if wa.start_ratio is not None else "")
         + (f"; scored: step {step}, the best mean validation disentangle of {' and '.join(cfg.eval.modes)} "
            f"(validation every {t.eval_every} steps)" if step is not None else ""),
         f"- MDAS: one rank-{mdas_cfg.intervention.rank} rotation per attribute at the last entity token, "

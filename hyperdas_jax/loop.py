@@ -341,8 +341,12 @@ def json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
 def truncate_metrics(path: pathlib.Path, step: int) -> None:
     """Keeps metrics.jsonl's records up to `step` (where training continues from), so the steps a
     resumed run replays are not logged twice; a line cut short by a kill is dropped."""
-    if not path.is_file():
-        return
+    if path.is_file():
+        replace_text(path, "".join(_lines_up_to(path, step)))
+
+
+def _lines_up_to(path: pathlib.Path, step: int) -> list[str]:
+    """metrics.jsonl's complete lines whose record is at or before `step` (a line cut short by a kill is dropped)."""
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -351,20 +355,12 @@ def truncate_metrics(path: pathlib.Path, step: int) -> None:
             continue
         if not isinstance(record, dict) or record.get("step", 0) <= step:
             kept.append(line + "\n")
-    replace_text(path, "".join(kept))
+    return kept
 
 
 def copy_metrics(origin: pathlib.Path, path: pathlib.Path, step: int, record: dict) -> None:
     """Writes `path` as `origin`'s records up to `step` (none if it is missing) followed by `record`."""
-    kept = []
-    if origin.is_file():
-        for line in origin.read_text().splitlines():
-            try:
-                old = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(old, dict) and old.get("step", 0) <= step:
-                kept.append(line + "\n")
+    kept = _lines_up_to(origin, step) if origin.is_file() else []
     replace_text(path, "".join(kept) + json.dumps(record) + "\n")
 
 
@@ -553,12 +549,12 @@ def train(cfg: ExperimentConfig, run_dir: str | pathlib.Path, *, resume: str | i
                                     jax.eval_shape(steps.tx.init, steps.params), steps.opt_shardings)
         origin = checkpoints if start is not None else RunCheckpoints(pathlib.Path(branch.run) / "checkpoints",
                                                                       read_only=True)
-        params, opt_state, meta = origin.restore(start if start is not None else branch_step,
-                                                 abstract_like(steps.params), abstract_opt)
+        from_step = start if start is not None else branch_step
+        params, opt_state, meta = origin.restore(from_step, abstract_like(steps.params), abstract_opt)
         steps.params = params
         step, position = meta["step"], meta["position"]
         if average_on and meta.get("average_count", 0) > 0:
-            average = origin.restore_average(start if start is not None else branch_step, abstract_like(params))
+            average = origin.restore_average(from_step, abstract_like(params))
             count = meta["average_count"]
         if start is not None:
             base_key = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))

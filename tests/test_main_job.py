@@ -69,26 +69,33 @@ def test_main_job_refuses_to_reuse_a_stage_trained_with_other_settings(tmp_path,
     assert not target.exists() and not data.exists()  # refused before any work
 
 
-@pytest.mark.parametrize("overrides, expected, absent", [
-    ([], ["reflect subspace of rank 128, 32 reflections", "reflection-vector lr 4e-05",
-          "sparsity weight linear 0.15 -> 1.5 from step 250"], []),
-    (["train.reflect_lr=1e-3", "train.sparsity.schedule=constant", "train.sparsity.start=0.25"],
+@pytest.mark.parametrize("overrides, averaged, expected, absent", [
+    ([], 0, ["reflect subspace of rank 128, 32 reflections", "reflection-vector lr 4e-05",
+             "sparsity weight linear 0.15 -> 1.5 from step 250", "weights averaged every 50 steps from step 350"],
+     ["straight-through", "mean of the weights"]),
+    (["train.reflect_lr=1e-3", "train.sparsity.schedule=constant", "train.sparsity.start=0.25"], 0,
      ["reflection-vector lr 0.001", "sparsity weight constant 0.25"], ["->"]),
-    (["intervention.subspace=das", "intervention.reflections=1", "train.sparsity.enabled=false"], ["das subspace of rank 128", "sparsity weight off"],
-     ["reflection"]),
-    (["train.straight_through.mode=bidding_argmax"],
+    (["intervention.subspace=das", "intervention.reflections=1", "train.sparsity.enabled=false"], 0,
+     ["das subspace of rank 128", "sparsity weight off"], ["reflection"]),
+    (["train.straight_through.mode=bidding_argmax"], 0,
      ["straight-through bidding_argmax on 50% of each batch from step 250"], []),
-    ([], [], ["straight-through", "mean of the weights"]),
-    (["train.weight_average.start_ratio=0.7"], ["scored with the mean of the weights every 50 steps from step 350"], []),
+    # The shipped recipe's checkpoint at 450 holds the mean of the weights at 350, 400 and 450.
+    ([], 3, ["with the mean of the weights at steps 350, 400, 450"], []),
+    (["train.weight_average.start_ratio=null"], 0, [], ["averaged", "mean of the weights"]),
+    # No sampled step within the run (12 steps, every 50): no averaging to report.
+    (["train.steps=12"], 0, [], ["averaged", "mean of the weights"]),
+    # A count the schedule cannot give (a run resumed with another schedule) is named as a count.
+    (["train.weight_average.every=100"], 3, ["weights averaged every 100 steps from step 400",
+                                             "with the mean of the weights at 3 steps"], []),
 ])
-def test_report_settings_name_what_was_trained(tmp_path, overrides, expected, absent):
+def test_report_settings_name_what_was_trained(tmp_path, overrides, averaged, expected, absent):
     from hyperdas_jax.mdas import TRAIN_OVERRIDES
     from hyperdas_jax.pipeline import main_job as job
 
     data = tmp_path / "data"
     cfg = job.experiment(data, tmp_path / "target", [*job.PRESETS["full"]["hyperdas"], *overrides])
     mdas_cfg = job.experiment(data, tmp_path / "target", [*TRAIN_OVERRIDES, *job.PRESETS["full"]["mdas"]])
-    hyperdas_lines = "\n".join(job.settings_lines(cfg, mdas_cfg, step=450)[:2])
+    hyperdas_lines = "\n".join(job.settings_lines(cfg, mdas_cfg, step=450, averaged=averaged)[:2])
     for text in expected:
         assert text in hyperdas_lines
     for text in absent:

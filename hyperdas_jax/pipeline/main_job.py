@@ -218,11 +218,21 @@ def comparisons(hyperdas: dict, mdas: dict, rows: list) -> list[str]:
     return lines
 
 
-def settings_lines(cfg, mdas_cfg, step: int | None = None) -> list[str]:
-    """The report's record of what was trained (`step`: the HyperDAS checkpoint scored)."""
+def averaged_steps(wa, steps: int, upto: int) -> list[int]:
+    """The steps whose weights `train.weight_average` puts in the mean a checkpoint at `upto` holds."""
+    return [s for s in range(wa.every, min(upto, steps) + 1, wa.every) if wa.samples(s, steps)]
+
+
+def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) -> list[str]:
+    """The report's record of what was trained (`step`: the HyperDAS checkpoint scored; `averaged`: how
+    many steps' weights its mean holds, 0 when the weights were scored as trained)."""
     t, m, iv = cfg.train, mdas_cfg.train, cfg.intervention
     reflect = iv.subspace == "reflect"
     sp, st, wa = t.sparsity, t.straight_through, t.weight_average
+    sampled = averaged_steps(wa, t.steps, t.steps) if wa.start_ratio is not None else []
+    scored = averaged_steps(wa, t.steps, step)[-averaged:] if averaged and step is not None else []
+    # A run whose schedule changed on a resume (e.g. a longer train.steps) may hold other steps: name the count.
+    mean = (f"steps {', '.join(map(str, scored))}" if len(scored) == averaged else f"{averaged} steps") if averaged else ""
     sparsity = ("off" if not sp.enabled else f"constant {sp.start:g}" if sp.schedule == "constant" else
                 f"{sp.schedule} {sp.start:g} -> {sp.end:g} from step {int(sp.warmup_ratio * t.steps)}")
     return [
@@ -235,10 +245,10 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None) -> list[str]:
         + f"causal/isolate weights {t.causal_loss_weight:g}/{t.iso_loss_weight:g}, sparsity weight {sparsity}"
         + (f", straight-through {st.mode} on {st.share:.0%} of each batch from step {int(st.start_ratio * t.steps)}"
            if st.mode is not None else "")
-        + (f", scored with the mean of the weights every {wa.every} steps from step {int(wa.start_ratio * t.steps)}"
-           if wa.start_ratio is not None else "")
+        + (f", weights averaged every {wa.every} steps from step {sampled[0]}" if sampled else "")
         + (f"; scored: step {step}, the best mean validation disentangle of {' and '.join(cfg.eval.modes)} "
-           f"(validation every {t.eval_every} steps)" if step is not None else ""),
+           f"(validation every {t.eval_every} steps)" if step is not None else "")
+        + (f", with the mean of the weights at {mean}" if mean else ""),
         f"- MDAS: one rank-{mdas_cfg.intervention.rank} rotation per attribute at the last entity token, "
         f"{m.steps} steps x batch {m.batch_size}, rotation lr {m.rotate_lr:g}, causal/isolate weights "
         f"{m.causal_loss_weight:g}/{m.iso_loss_weight:g}",
@@ -348,6 +358,6 @@ def run(*, quick: bool = False, name: str | None = None, target: str = "checkpoi
                     run / "hyperdas" / "metrics.jsonl", run / "learning_curves.png")
     heatmaps = sorted((run / "hyperdas" / "eval" / "heatmaps").glob("*.png"))[:6]
     data_report = json.loads((data / "report.json").read_text())
-    path = write_report(run, hyper_results, mdas_results, data, data_report, settings_lines(cfg, mdas_cfg, getattr(method, "step", None)),
-                        timings, heatmaps, test_rows)
+    settings = settings_lines(cfg, mdas_cfg, getattr(method, "step", None), getattr(method, "averaged", 0))
+    path = write_report(run, hyper_results, mdas_results, data, data_report, settings, timings, heatmaps, test_rows)
     return path

@@ -463,6 +463,11 @@ class WeightAverageConfig:
         return (self.start_ratio is not None and step >= int(self.start_ratio * steps)
                 and step % self.every == 0)
 
+    def sampled_steps(self, steps: int, upto: int | None = None) -> list[int]:
+        """The steps whose weights are in the mean after step `upto` (default: the whole run)."""
+        last = steps if upto is None else min(upto, steps)
+        return [s for s in range(self.every, last + 1, self.every) if self.samples(s, steps)]
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:

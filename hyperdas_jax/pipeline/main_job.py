@@ -218,21 +218,18 @@ def comparisons(hyperdas: dict, mdas: dict, rows: list) -> list[str]:
     return lines
 
 
-def averaged_steps(wa, steps: int, upto: int) -> list[int]:
-    """The steps whose weights `train.weight_average` puts in the mean a checkpoint at `upto` holds."""
-    return [s for s in range(wa.every, min(upto, steps) + 1, wa.every) if wa.samples(s, steps)]
-
-
 def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) -> list[str]:
     """The report's record of what was trained (`step`: the HyperDAS checkpoint scored; `averaged`: how
     many steps' weights its mean holds, 0 when the weights were scored as trained)."""
     t, m, iv = cfg.train, mdas_cfg.train, cfg.intervention
     reflect = iv.subspace == "reflect"
     sp, st, wa = t.sparsity, t.straight_through, t.weight_average
-    sampled = averaged_steps(wa, t.steps, t.steps) if wa.start_ratio is not None else []
-    scored = averaged_steps(wa, t.steps, step)[-averaged:] if averaged and step is not None else []
-    # A run whose schedule changed on a resume (e.g. a longer train.steps) may hold other steps: name the count.
-    mean = (f"steps {', '.join(map(str, scored))}" if len(scored) == averaged else f"{averaged} steps") if averaged else ""
+    sampled = wa.sampled_steps(t.steps)
+    mean = ""
+    if averaged and step is not None:
+        scored = wa.sampled_steps(t.steps, step)[-averaged:]
+        # A run whose schedule changed on a resume (e.g. a longer train.steps) may hold other steps: name the count.
+        mean = f"steps {', '.join(map(str, scored))}" if len(scored) == averaged else f"{averaged} steps"
     sparsity = ("off" if not sp.enabled else f"constant {sp.start:g}" if sp.schedule == "constant" else
                 f"{sp.schedule} {sp.start:g} -> {sp.end:g} from step {int(sp.warmup_ratio * t.steps)}")
     return [

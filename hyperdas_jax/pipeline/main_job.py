@@ -226,8 +226,8 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) ->
     sp, st, wa = t.sparsity, t.straight_through, t.weight_average
     sampled = wa.sampled_steps(t.steps)
     mean = ""
-    if averaged and step is not None:
-        scored = wa.sampled_steps(t.steps, step)[-averaged:]
+    if averaged:
+        scored = wa.sampled_steps(t.steps, step)[-averaged:] if step is not None else []
         # A run whose schedule changed on a resume (e.g. a longer train.steps) may hold other steps: name the count.
         mean = f"steps {', '.join(map(str, scored))}" if len(scored) == averaged else f"{averaged} steps"
     sparsity = ("off" if not sp.enabled else f"constant {sp.start:g}" if sp.schedule == "constant" else

@@ -14,6 +14,10 @@ with zeros into each batch. A real token's state does not depend on padding (pos
 tokens, pads are masked keys), and the model never reads a pad position's state (masked in the
 memories, the selection and the upper blocks' attention), so the cached step computes the same
 loss and gradients as the uncached one (tests/test_clean_states.py).
+
+A cache built with `layer=L` keeps only hs[L] (the residual stream entering block L) and attaches
+it as `base_layer_states` / `source_layer_states` (b, t, d): all the MDAS baseline's step reads of
+the clean passes (hyperdas_jax/mdas.py).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from flax import nnx
 
 from hyperdas_jax.sharding import use_mesh
 
-# Batch keys the step reads instead of running the clean passes: (b, n+1, t, d) float32.
+# Batch keys the step reads instead of running the clean passes: (b, n+1, t, d) float32, or with a
+# `layer` cache (b, t, d) float32.
 STATE_KEYS = {"base_ids": "base_states", "source_ids": "source_states"}
+LAYER_STATE_KEYS = {"base_ids": "base_layer_states", "source_ids": "source_layer_states"}
 _MASKS = {"base_ids": "base_mask", "source_ids": "source_mask"}
 _BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # fill's padded widths: a few compiled shapes
 
@@ -42,7 +48,8 @@ def distinct_prompts(examples: Iterable[Any]) -> list[tuple[int, ...]]:
 
 
 def estimate_bytes(examples: Iterable[Any], num_states: int, hidden_size: int) -> int:
-    """Host bytes of the cache for encoded examples: every distinct prompt's float32 states."""
+    """Host bytes of the cache for encoded examples: every distinct prompt's float32 states
+    (`num_states` per token: n+1, or 1 for a `layer` cache)."""
     return sum(len(p) for p in distinct_prompts(examples)) * num_states * hidden_size * 4
 
 
@@ -53,12 +60,22 @@ class CleanStateCache:
       graphdef, state: the frozen target split by `nnx.split` (as `train.Steps` holds it).
       limit_bytes: refuse to grow past this many bytes (the caller sized it from `estimate_bytes`);
         prompts beyond it are computed for their batch and not kept.
+      layer: keep only hs[layer], computed by blocks [0, layer) alone, and attach it under
+        `LAYER_STATE_KEYS`; None keeps every hs[0..n] under `STATE_KEYS`.
     """
 
-    def __init__(self, graphdef, state, limit_bytes: int | None = None):
+    def __init__(self, graphdef, state, limit_bytes: int | None = None, layer: int | None = None):
         self._target_state = state
         self._mesh = jax.tree.leaves(state)[0].sharding.mesh
-        self._fn = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).hidden_states(ids, mask))
+        self.layer = layer
+        self.keys = STATE_KEYS if layer is None else LAYER_STATE_KEYS
+        if layer is None:
+            self._fn = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).hidden_states(ids, mask))
+        else:
+            n = nnx.merge(graphdef, state).config.num_hidden_layers
+            if not 0 <= layer <= n:
+                raise ValueError(f"layer must be in [0, {n}], got {layer}")
+            self._fn = jax.jit(lambda state, ids, mask: _layer_states(nnx.merge(graphdef, state), ids, mask, layer))
         self._store: dict[bytes, np.ndarray] = {}
         self.limit_bytes = limit_bytes
         self.nbytes = 0
@@ -91,7 +108,7 @@ class CleanStateCache:
         return fresh
 
     def _states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """(b, n+1, t, d) float32 states of a left-padded id array, zeros at pads."""
+        """(b, n+1, t, d) float32 states of a left-padded id array, zeros at pads; (b, t, d) with `layer`."""
         ids, mask = np.asarray(ids), np.asarray(mask)
         keys = [row[m > 0].astype(np.int32).tobytes() for row, m in zip(ids, mask)]
         fresh = self._store_missing(ids, mask, keys)
@@ -105,7 +122,7 @@ class CleanStateCache:
             if out is None:
                 out = np.zeros((b, entry.shape[0], t, entry.shape[-1]), np.float32)
             out[i, :, t - entry.shape[1]:] = entry
-        return out
+        return out if self.layer is None else out[:, 0]
 
     def fill(self, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, progress: bool = True) -> None:
         """Computes the states of `prompts` now, in their order, `batch_size` at a time.
@@ -130,15 +147,21 @@ class CleanStateCache:
             self._store_missing(ids, mask, [np.asarray(p, np.int32).tobytes() for p in chunk])
 
     def attach(self, batch: dict) -> dict:
-        """The batch with `base_states` and `source_states` added (host numpy arrays)."""
+        """The batch with `base_states` and `source_states` (or with `layer`, `base_layer_states` and
+        `source_layer_states`) added (host numpy arrays)."""
         out = dict(batch)
-        for ids_key, states_key in STATE_KEYS.items():
+        for ids_key, states_key in self.keys.items():
             out[states_key] = self._states(batch[ids_key], batch[_MASKS[ids_key]])
         return out
 
 
-def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training",
-               progress: bool = True) -> CleanStateCache | None:
+def _layer_states(target, ids, mask, layer: int):
+    """(1, b, t, d): hs[layer] by the same ops as the clean prefix of an MDAS step."""
+    return target.run_layers(target.embed(ids), target.attn_inputs(mask), 0, layer)[None]
+
+
+def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training", progress: bool = True,
+               layer: int | None = None) -> CleanStateCache | None:
     """The cache `steps.cfg.train.state_cache` asks for, or None.
 
     "never": None. "always": a cache (refused with several processes: each would hold only its own
@@ -151,6 +174,7 @@ def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training",
       examples: the encoded examples the cache will serve (`collate.EncodedExample`), or None.
       what: how the printed line names them.
       progress: show a progress bar while the cache is filled (up front, in a fixed order).
+      layer: cache only hs[layer] (see `CleanStateCache`).
     """
     t = steps.cfg.train
     if t.state_cache == "never":
@@ -160,16 +184,19 @@ def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training",
         raise ValueError("train.state_cache=always needs a single process; use auto or never on a multi-host mesh")
     limit = int(t.state_cache_gb * 2**30)
     if examples is None or multi:
-        return None if t.state_cache == "auto" else CleanStateCache(steps.target_graphdef, steps.target_state, limit)
+        if t.state_cache == "auto":
+            return None
+        return CleanStateCache(steps.target_graphdef, steps.target_state, limit, layer)
     cfg = nnx.merge(steps.target_graphdef, steps.target_state).config
     examples = list(examples)
-    need = estimate_bytes(examples, cfg.num_hidden_layers + 1, cfg.hidden_size)
+    need = estimate_bytes(examples, cfg.num_hidden_layers + 1 if layer is None else 1, cfg.hidden_size)
     on = t.state_cache == "always" or need <= limit
     print(f"clean-state cache for {what}: {need / 2**30:.2f} GiB estimated (limit {t.state_cache_gb:g} GiB): "
           f"{'on' if on else 'off, the step recomputes the clean passes'}", file=sys.stderr)
     if not on:
         return None
-    cache = CleanStateCache(steps.target_graphdef, steps.target_state, None if t.state_cache == "always" else limit)
+    cache = CleanStateCache(steps.target_graphdef, steps.target_state, None if t.state_cache == "always" else limit,
+                            layer)
     start = time.perf_counter()
     prompts = distinct_prompts(examples)
     cache.fill(prompts, progress=progress)

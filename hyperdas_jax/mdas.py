@@ -46,9 +46,14 @@ def mdas_forward(model: MDAS, target: Llama, batch: dict, spec: ForwardSpec, ste
     del step, rng
     L = spec.layer
     b_attn = target.attn_inputs(batch["base_mask"])
-    s_attn = target.attn_inputs(batch["source_mask"])
-    base = jax.lax.stop_gradient(target.run_layers(target.embed(batch["base_ids"]), b_attn, 0, L))  # (b, tb, d)
-    src = jax.lax.stop_gradient(target.run_layers(target.embed(batch["source_ids"]), s_attn, 0, L))  # (b, ts, d)
+    if "base_layer_states" in batch:  # cached hs[L] (clean_states.CleanStateCache with layer=L), (b, t, d)
+        dtype = jnp.dtype(target.config.dtype)
+        base = jax.lax.stop_gradient(jnp.asarray(batch["base_layer_states"]).astype(dtype))  # (b, tb, d)
+        src = jax.lax.stop_gradient(jnp.asarray(batch["source_layer_states"]).astype(dtype))  # (b, ts, d)
+    else:
+        s_attn = target.attn_inputs(batch["source_mask"])
+        base = jax.lax.stop_gradient(target.run_layers(target.embed(batch["base_ids"]), b_attn, 0, L))  # (b, tb, d)
+        src = jax.lax.stop_gradient(target.run_layers(target.embed(batch["source_ids"]), s_attn, 0, L))  # (b, ts, d)
     rows = jnp.arange(base.shape[0])
     b_vec = base[rows, batch["base_entity_pos"]].astype(jnp.float32)  # (b, d)
     s_vec = src[rows, batch["source_entity_pos"]].astype(jnp.float32)  # (b, d)
@@ -96,7 +101,7 @@ class MDASMethod:
 
     def eval_batch(self, batch: dict, mode: str) -> dict:
         del mode
-        out = self.steps.evaluate(self.params, self.add_tasks(batch), "soft")
+        out = self.steps.evaluate(self.params, self.steps.prepare(self.add_tasks(batch)), "soft")
         return {"correct": np.asarray(out["correct"]), "selection": None}
 
     def baseline_batch(self, batch: dict) -> dict:
@@ -121,11 +126,14 @@ def train_mdas(target: Llama, cfg: ExperimentConfig, rows, tokenizer, *, metrics
 
     The same jitted train step, loss (causal/isolate weights) and optimizer code as HyperDAS;
     `train.rotate_lr` is the rotations' learning rate. Metrics go to `metrics_path` as JSONL.
+    As `train.state_cache` allows, every distinct prompt's hs[L] is computed once up front and the
+    step runs only blocks [L, n) (the returned method keeps that cache for its evaluation).
     """
     import json
 
     import tqdm
 
+    from hyperdas_jax.clean_states import make_cache
     from hyperdas_jax.data.collate import CollateOptions, encode_rows, iterate_batches
 
     rows = list(rows)
@@ -135,6 +143,8 @@ def train_mdas(target: Llama, cfg: ExperimentConfig, rows, tokenizer, *, metrics
     encoded = encode_rows(rows, tokenizer, options)
     model = build_mdas(target, cfg, len(tasks), seed=cfg.train.seed, mesh=mesh)
     steps = mdas_steps(model, target, cfg)
+    steps.cache = make_cache(steps, encoded.examples, what="MDAS training", progress=progress,
+                             layer=cfg.intervention.layer)
     method = MDASMethod(steps, steps.params, tasks, row_tasks)
     params, opt = steps.params, steps.init_opt_state(steps.params)
     key = jax.random.key(cfg.train.seed)
@@ -147,7 +157,7 @@ def train_mdas(target: Llama, cfg: ExperimentConfig, rows, tokenizer, *, metrics
                                          drop_remainder=True):
                 if step >= cfg.train.steps:
                     break
-                params, opt, metrics = steps.train(params, opt, method.add_tasks(batch), step, key)
+                params, opt, metrics = steps.train(params, opt, steps.prepare(method.add_tasks(batch)), step, key)
                 step += 1
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}

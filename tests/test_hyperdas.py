@@ -362,3 +362,37 @@ def test_straight_through_patches_with_the_hard_selection_and_trains_the_soft_on
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_st["subspace"],
                  g_hard["subspace"])
     assert float(optax_norm(g_st["head"])) > 0
+
+
+def test_memories_of_the_visible_tokens_only_give_the_same_step(setup):
+    """Collated batches carry `*_memory_index`: the hypernetwork's memories then hold only the visible
+    tokens (w of t positions), and loss, gradients, logits and A equal the full memories'."""
+    from hyperdas_jax.data.collate import visible_index
+
+    cfg, _, steps = setup
+    batch = make_batch(np.random.default_rng(11))
+    compact = dict(batch)
+    for side in ("base", "source"):
+        compact[f"{side}_memory_index"] = visible_index(batch[f"{side}_intervention_mask"], (4, 8, 12, 16))
+        assert compact[f"{side}_memory_index"].shape[1] == 8 < batch[f"{side}_ids"].shape[1]
+    window = label_window(batch["labels"])
+    ctx = StepContext(steps.graphdef, steps.target_graphdef, spec_from_config(cfg, window=window), cfg.train)
+    grad = jax.jit(jax.grad(loss_fn, has_aux=True), static_argnames="ctx")
+    g0, m0 = grad(steps.params, steps.target_state, batch, 3, jax.random.key(0), ctx=ctx)
+    g1, m1 = grad(steps.params, steps.target_state, compact, 3, jax.random.key(0), ctx=ctx)
+    assert float(m0["loss"]) > 0.1
+    for key in ("loss", "pred_loss", "sparsity", "accuracy"):
+        np.testing.assert_allclose(float(m1[key]), float(m0[key]), rtol=1e-5, atol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, np.abs(a).max()), rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+    full, short = steps.evaluate(steps.params, batch), steps.evaluate(steps.params, compact)
+    np.testing.assert_allclose(np.asarray(short["logits"]), np.asarray(full["logits"]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(short["selection"]), np.asarray(full["selection"]), atol=1e-6, rtol=0)
+    # The index is read: naming other tokens changes the source memory's gradients.
+    shifted = dict(compact, source_memory_index=np.where(compact["source_memory_index"] >= 0,
+                                                          compact["source_memory_index"] - 1, -1))
+    g2, _ = grad(steps.params, steps.target_state, shifted, 3, jax.random.key(0), ctx=ctx)
+    k0, k2 = (np.asarray(g["hypernet"]["layers"][0]["source_cross_attn"]["k_proj"]["kernel"]) for g in (g0, g2))
+    assert np.abs(k2 - k0).max() > 0.1 * np.abs(k0).max()

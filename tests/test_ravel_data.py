@@ -417,6 +417,9 @@ def test_hand_built_batch_literal_arrays():
         "source_ids": [[3, 3, 3, 3, 1, 11, 12, 13], [3, 1, 4, 5, 11, 7, 8, 5], [3, 3, 3, 3, 1, 11, 12, 13]],
         "source_mask": [[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]],
         "source_intervention_mask": [[0, 0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0]],
+        # The visible positions in order, then -1, to the smallest bucket holding the most (8 here).
+        "base_memory_index": [[0, 1, 2, 3] + [-1] * 4, [3, 4] + [-1] * 6, [0, 1, 2, 3] + [-1] * 4],
+        "source_memory_index": [[4, 5] + [-1] * 6, [1, 2, 3, 4] + [-1] * 4, [4, 5] + [-1] * 6],
         "editor_ids": [[3, 3, 1, 6, 16, 11, 17, 18], [3, 3, 1, 14, 16, 11, 17, 19], [3, 3, 1, 6, 16, 11, 17, 18]],
         "editor_mask": [[0, 0, 1, 1, 1, 1, 1, 1]] * 3,
         "base_entity_pos": [3, 4, 3],
@@ -458,6 +461,18 @@ def test_bucket_shapes_and_partial_batch():
     assert sorted(np.concatenate(shuffled).tolist()) == [-1, 0, 1, 2, 3, 4, 5, 6]
     with pytest.raises(RavelError, match="ascending"):
         collate.CollateOptions(length_buckets=(32, 16))
+
+
+def test_memory_index_lists_the_visible_positions_in_a_bucket():
+    mask = np.zeros((3, 48), np.int32)
+    mask[0, [30, 31, 40]] = 1
+    mask[1, 20:40] = 1  # the most: 20 visible -> width 24, half the padded length
+    index = collate.visible_index(mask, (8, 16, 24, 32, 48))
+    assert index.shape == (3, 24) and index.dtype == np.int32
+    assert index[0].tolist() == [30, 31, 40] + [-1] * 21
+    assert index[1].tolist() == list(range(20, 40)) + [-1] * 4
+    assert (index[2] == -1).all()
+    assert collate.visible_index(np.ones((2, 20)), (8, 64)).tolist() == [list(range(20))] * 2  # never wider than t
 
 
 def test_too_long_rows_are_dropped_and_counted():

@@ -3,6 +3,7 @@ step, and the original PyTorch implementation's step (hyperdas_jax/benchmarks/tr
 
   python -m tools.bench_train_step                       # B=16, ~32-token prompts, N=2, L=15, k=128
   python -m tools.bench_train_step --set train.batch_size=8 --runs 5
+  python -m tools.bench_train_step --tokens 16,48,48 --visible 26,28 --no-torch   # padded like a city batch
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--runs", type=positive_int, default=10, help="timed steps after warm-up (median reported)")
     parser.add_argument("--tokens", default="16,32,32", help="editor,base,source lengths")
+    parser.add_argument("--visible", default=None,
+                        help="base,source tokens the hypernetwork sees, the prompts left-padded to --tokens "
+                             "(default: full-length prompts)")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers-torch comparison")
     args = parser.parse_args(argv)
 
@@ -41,15 +45,21 @@ def main(argv=None) -> int:
         ensure_smollm2(pathlib.Path(cfg.target.path))  # the default config's embedded target, converted once
     target = Target(build_target(cfg, None))
     te, tb, ts = (int(x) for x in args.tokens.split(","))
+    visible = None if args.visible is None else tuple(int(x) for x in args.visible.split(","))
     b = cfg.train.batch_size
     steps = Steps(build_hyperdas(target.model, cfg), target.model, cfg)
-    batch = bench.synthetic_batch(np.random.default_rng(0), b, te, tb, ts, target.config.vocab_size)
+    batch = bench.synthetic_batch(np.random.default_rng(0), b, te, tb, ts, target.config.vocab_size, visible=visible)
+    widths = (batch["base_memory_index"].shape[1], batch["source_memory_index"].shape[1])
     cache = CleanStateCache(steps.target_graphdef, steps.target_state)
     cache.attach(batch)  # filled once, as a run fills it before training
     key = jax.random.key(0)
     compile_s, step_s = bench.time_step(steps, steps.params, batch, lambda x: x, key, args.runs)
     _, cached_s = bench.time_step(steps, steps.params, batch, cache.attach, key, args.runs)
-    flops = bench.step_flops(target.config, cfg, b, te, tb, ts, label_window(batch["labels"]))
+    full_memory_s = None
+    if widths != (tb, ts):  # the same step with memories of every position, as before `*_memory_index`
+        full = {k: v for k, v in batch.items() if not k.endswith("_memory_index")}
+        _, full_memory_s = bench.time_step(steps, steps.params, full, cache.attach, key, args.runs)
+    flops = bench.step_flops(target.config, cfg, b, te, tb, ts, label_window(batch["labels"]), memory=widths)
     total, peak = sum(flops.values()), bench.matmul_peak()
     L, n = cfg.intervention.layer, target.config.num_hidden_layers
     on_cpu = jax.devices()[0].platform == "cpu"
@@ -58,7 +68,8 @@ def main(argv=None) -> int:
 
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({bench.cpu_kind() or 'cpu kind unknown'}), "
           f"jax {jax.__version__}; config {args.config} {' '.join(args.set)}")
-    print(f"batch {b}, editor/base/source tokens {te}/{tb}/{ts}, N={cfg.hypernet.num_layers}, L={L}, "
+    print(f"batch {b}, editor/base/source tokens {te}/{tb}/{ts} (memories of {widths[0]}/{widths[1]} visible), "
+          f"N={cfg.hypernet.num_layers}, L={L}, "
           f"k={cfg.intervention.rank}, dtype {cfg.target.dtype}; first step (compile) {compile_s:.1f}s\n")
     print("| component | GFLOP/step |\n|---|---:|")
     print("\n".join(f"| {name} | {value / 1e9:.2f} |" for name, value in flops.items()))
@@ -72,6 +83,9 @@ def main(argv=None) -> int:
             ("median step time with cached clean states (ms)", f"{cached_s * 1e3:.1f}"),
             ("cached step speed-up (same run)", f"{step_s / cached_s:.2f}x"),
             (f"cached step GFLOP/s ({cached_flops / 1e9:.1f} GFLOP/step)", f"{cached_flops / cached_s / 1e9:.1f}")]
+    if full_memory_s is not None:
+        rows += [(f"cached step, memories of all {tb}/{ts} positions (ms)", f"{full_memory_s * 1e3:.1f}"),
+                 ("visible-token memories speed-up (same run)", f"{full_memory_s / cached_s:.2f}x")]
     shape = "x".join(map(str, bench.TORCH_FORWARD_SHAPE))
     rows += [(f"transformers-torch forward {dtype} ({shape}, full logits, 2 threads) (ms)", f"{s * 1e3:.1f}")
              for dtype, s in forward.items()]

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from hyperdas_jax.data.collate import DEFAULT_LENGTH_BUCKETS, visible_index
+
 # The original HyperDAS train step (SmolLM2, B=16, N=2, L=15, k=128) in units of one
 # transformers-torch SmolLM2 forward (batch 16 x 33 tokens, full logits, 2 threads), measured side
 # by side on each machine kind of this project (float32 / bfloat16 step and forward).
@@ -120,8 +122,10 @@ def matmul_peak(n: int = 2048, runs: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int) -> dict[str, float]:
-    """Analytic matmul FLOPs of one train step, by component."""
+def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int,
+               memory: tuple[int, int] | None = None) -> dict[str, float]:
+    """Analytic matmul FLOPs of one train step, by component; `memory`: the tokens the hypernetwork's
+    base and source memories hold (default tb, ts)."""
     d, n, nk, h, f, v = (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim,
                          t.intermediate_size, t.vocab_size)
     layers, L = t.num_hidden_layers, cfg.intervention.layer
@@ -134,7 +138,7 @@ def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int) -> dict[s
     out = {}
     out["target clean passes (fwd)"] = layers * (block(b * tb, tb) + block(b * ts, ts))
     out["target blocks [L,n) + head (fwd+bwd)"] = 2 * ((layers - L) * block(b * tb, tb) + 2 * b * window * d * v)
-    mem_b, mem_s = tb * (layers + 1), ts * (layers + 1)
+    mem_b, mem_s = ((layers + 1) * w for w in (memory or (tb, ts)))
     hyper = 0
     for mem in (mem_s, mem_b):  # cross-attention: q, o on the editor; k, v on the memory
         hyper += b * (te * 2 * d * 2 * n * h + mem * 2 * d * 2 * nk * h + 2 * 2 * te * mem * n * h)
@@ -148,26 +152,37 @@ def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int) -> dict[s
     return out
 
 
-def synthetic_batch(rng, b, te, tb, ts, vocab, answer=3):
-    """Full-length random prompts with a 3-token answer: the shapes a RAVEL city batch has."""
+def synthetic_batch(rng, b, te, tb, ts, vocab, answer=3, visible=None):
+    """Random prompts with a 3-token answer: the shapes a RAVEL city batch has.
+
+    `visible` (base, source): how many tokens of each prompt the hypernetwork sees; the prompts are
+    then that long plus their hidden suffix (3 tokens + the answer for the base, 4 for the source),
+    left-padded to tb / ts as collated batches are. None: full-length prompts (tb - answer - 3 and
+    ts - 4 visible).
+    """
+    vb, vs = visible if visible is not None else (tb - answer - 3, ts - 4)
+    if not (1 <= vb <= tb - answer - 3 and 1 <= vs <= ts - 4):
+        raise ValueError(f"visible {vb},{vs} must be in [1, {tb - answer - 3}] and [1, {ts - 4}] for lengths {tb},{ts}")
+    pos_b, pos_s = np.arange(tb)[None], np.arange(ts)[None]
+    start_b, start_s = tb - (vb + answer + 3), ts - (vs + 4)  # first real position
     batch = {
         "editor_ids": rng.integers(3, vocab, (b, te)).astype(np.int32),
         "editor_mask": np.ones((b, te), np.int32),
         "base_ids": rng.integers(3, vocab, (b, tb)).astype(np.int32),
-        "base_mask": np.ones((b, tb), np.int32),
+        "base_mask": np.repeat(pos_b >= start_b, b, 0).astype(np.int32),
         "source_ids": rng.integers(3, vocab, (b, ts)).astype(np.int32),
-        "source_mask": np.ones((b, ts), np.int32),
+        "source_mask": np.repeat(pos_s >= start_s, b, 0).astype(np.int32),
     }
-    batch["base_intervention_mask"] = np.concatenate([np.ones((b, tb - answer - 3)), np.zeros((b, answer + 3))], 1)
-    batch["source_intervention_mask"] = np.concatenate([np.ones((b, ts - 4)), np.zeros((b, 4))], 1)
-    batch["base_intervention_mask"] = batch["base_intervention_mask"].astype(np.int32)
-    batch["source_intervention_mask"] = batch["source_intervention_mask"].astype(np.int32)
+    batch["base_intervention_mask"] = np.repeat((pos_b >= start_b) & (pos_b < start_b + vb), b, 0).astype(np.int32)
+    batch["source_intervention_mask"] = np.repeat((pos_s >= start_s) & (pos_s < start_s + vs), b, 0).astype(np.int32)
     labels = np.full((b, tb), -100, np.int32)
     labels[:, -answer:] = batch["base_ids"][:, -answer:]
     batch["labels"] = labels
-    batch["base_entity_pos"] = np.full(b, tb - answer - 4, np.int32)
-    batch["source_entity_pos"] = np.full(b, ts - 5, np.int32)
+    batch["base_entity_pos"] = np.full(b, start_b + vb - 1, np.int32)
+    batch["source_entity_pos"] = np.full(b, start_s + vs - 1, np.int32)
     batch["is_causal"] = np.arange(b) % 2 == 0
     batch["valid"] = np.ones(b, bool)
     batch["row_index"] = np.arange(b, dtype=np.int32)
+    for side in ("base", "source"):  # as collate_batch names them
+        batch[f"{side}_memory_index"] = visible_index(batch[f"{side}_intervention_mask"], DEFAULT_LENGTH_BUCKETS)
     return batch

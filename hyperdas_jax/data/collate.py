@@ -208,6 +208,10 @@ def collate_batch(
         source_mask              (B, Ts) int32  1 on real tokens
         source_intervention_mask (B, Ts) int32  source_mask without the cf suffix tokens unless
                                                 source_suffix_visible
+        base_memory_index        (B, Wb) int32  positions of each row's base_intervention_mask tokens,
+                                                in order, then -1; Wb the smallest length bucket that
+                                                holds the batch's most (see `visible_index`)
+        source_memory_index      (B, Ws) int32  the same for source_intervention_mask
         base_entity_pos          (B,)    int32  position of the base entity's last token
         source_entity_pos        (B,)    int32  position of the source entity's last token
         is_causal                (B,)    bool   causal row (answer = source's value); else isolate
@@ -268,7 +272,29 @@ def collate_batch(
         visible_end = ts if options.source_suffix_visible else ts - e.source_n_suffix
         batch["source_intervention_mask"][i, off:visible_end] = 1
         batch["source_entity_pos"][i] = off + e.source_entity
+    batch["base_memory_index"] = visible_index(batch["base_intervention_mask"], options.length_buckets)
+    batch["source_memory_index"] = visible_index(batch["source_intervention_mask"], options.length_buckets)
     return batch
+
+
+def visible_index(mask: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+    """(b, w) int32: each row's positions where `mask` (b, t) is nonzero, in order, then -1.
+
+    w is the smallest bucket that holds the row with the most, capped at t. The hypernetwork's
+    memory gathers only these tokens' states (hyperdas_jax/models/hypernet.py `visible_states`): a
+    batch whose prompts are padded to 48 positions but show the hypernetwork at most 31 tokens gives
+    it 31·(n+1) memory entries per row padded to 32·(n+1), not 48·(n+1).
+    """
+    mask = np.asarray(mask) > 0
+    b, t = mask.shape
+    counts = mask.sum(axis=1)
+    longest = int(counts.max()) if b else 0
+    width = min(t, next((w for w in buckets if w >= longest), t))
+    out = np.full((b, max(width, 1)), -1, np.int32)
+    for i in range(b):
+        where = np.flatnonzero(mask[i])
+        out[i, : len(where)] = where
+    return out
 
 
 def num_batches(encoded: EncodedRows, options: CollateOptions, *, drop_remainder: bool = False) -> int:

@@ -120,8 +120,10 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
                                      batch["source_mask"])  # (n+1, b, tb, d), (n+1, b, ts, d)
     base_iv, src_iv = batch["base_intervention_mask"], batch["source_intervention_mask"]
 
-    z, pos = model.hypernet(batch["editor_ids"], batch["editor_mask"],
-                            make_memory(hs_src, src_iv, ecfg), make_memory(hs_base, base_iv, ecfg), remat=spec.remat)
+    # Collated batches name the visible tokens, and the memories hold only those (same attention, fewer keys).
+    memories = [make_memory(hs, iv, ecfg, batch.get(key)) for hs, iv, key in
+                ((hs_src, src_iv, "source_memory_index"), (hs_base, base_iv, "base_memory_index"))]
+    z, pos = model.hypernet(batch["editor_ids"], batch["editor_mask"], *memories, remat=spec.remat)
     z_last, pos_last = z[:, -1], pos[:, -1]  # left padding: the last token is real
 
     swap = False

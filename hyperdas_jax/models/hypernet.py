@@ -9,6 +9,8 @@ then a final RMSNorm. The memory of each side is every hidden state hs[0..n] of 
 unit-L2 normalised, flattened token-major (index t*(n+1) + l), visible only where the token is in
 the intervention mask. Key positions are cumsum(mask)*mask over that flat axis (1, 2, ... for
 visible entries); editor positions are cumsum(editor_mask) (first real token is 1). §3.3.
+When the batch names the visible tokens (collate's `*_memory_index`), the memory holds only those:
+the same attention with fewer keys (`make_memory`).
 """
 
 from __future__ import annotations
@@ -48,16 +50,31 @@ def unit_normalise(x: jax.Array) -> jax.Array:
     return (x32 / jnp.maximum(norm, 1e-12)).astype(x.dtype)
 
 
-def make_memory(hidden: jax.Array, intervention_mask: jax.Array, cfg: ModelConfig) -> Memory:
+def visible_states(hidden: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The states of the tokens `index` (b, w) names (-1: none), in its order: ((n+1, b, w, d), (b, w) mask)."""
+    rows = jnp.arange(hidden.shape[1])[:, None]  # (b, 1)
+    return hidden[:, rows, jnp.maximum(index, 0)], index >= 0
+
+
+def make_memory(hidden: jax.Array, intervention_mask: jax.Array, cfg: ModelConfig,
+                index: jax.Array | None = None) -> Memory:
     """Builds a cross-attention memory from stacked target states.
 
     Args:
       hidden: (n+1, b, t, d) hidden states in HF's convention (Llama.hidden_states).
       intervention_mask: (b, t) 1 where the token is visible to the hypernetwork.
       cfg: the editor config (head dim, RoPE base).
+      index: optional (b, w) positions of the visible tokens in order, then -1 (collate's
+        `*_memory_index`, w <= t): the memory holds only those tokens. Attention is the same as
+        over the full memory (invisible entries weigh exactly 0, and key positions count visible
+        entries only, so each keeps its position) up to float summation order, at w/t of the cost.
+        Every row must show at least one token (a row showing none attends uniformly to whatever
+        the memory holds).
     Returns:
-      Memory with states (b, t*(n+1), d), token-major.
+      Memory with states (b, t*(n+1), d), token-major (w*(n+1) with `index`).
     """
+    if index is not None:
+        hidden, intervention_mask = visible_states(hidden, index)
     layers, b, t, d = hidden.shape
     states = unit_normalise(jnp.transpose(hidden, (1, 2, 0, 3)).reshape(b, t * layers, d))  # (b, s, d)
     mask = jnp.repeat(intervention_mask > 0, layers, axis=1)  # (b, s)

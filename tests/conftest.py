@@ -11,6 +11,20 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops jax's compiled programs after each test module. Every XLA:CPU executable keeps memory
+    mappings alive, and one process running the whole suite would otherwise pile up tens of thousands
+    of them, near the kernel's per-process limit (vm.max_map_count, 65530 by default)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 
 @pytest.fixture(scope="session")
 def ravel_tgz() -> pathlib.Path:

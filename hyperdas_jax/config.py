@@ -421,7 +421,8 @@ class StraightThroughConfig:
     From step int(start_ratio·steps) on, the first round(share·b) rows of every batch are patched with
     `mode`'s one-hot selection, the matrix that mode uses at inference, while the gradient reaches the
     soft A as if A itself had been used (A + stop_gradient(hard − A)); the other rows train on A.
-    `mode` None: off (the original trains on A only).
+    `mode` None: off (the original trains on A only). `head_lr_scale`: the selection head's learning rate
+    is multiplied by it from the same step on (1: unchanged).
     """
 
     _where = "train.straight_through"
@@ -429,6 +430,7 @@ class StraightThroughConfig:
     mode: str | None = None
     start_ratio: float = 0.5
     share: float = 0.5
+    head_lr_scale: float = 1.0
 
     def __post_init__(self):
         require(self.mode is None or self.mode in HARD_TRAIN_MODES,
@@ -436,6 +438,8 @@ class StraightThroughConfig:
         require(0 <= self.start_ratio < 1, f"train.straight_through.start_ratio must be in [0, 1), "
                 f"got {self.start_ratio!r}")
         require(0 < self.share <= 1, f"train.straight_through.share must be in (0, 1], got {self.share!r}")
+        require(0 <= self.head_lr_scale, f"train.straight_through.head_lr_scale must be >= 0, "
+                f"got {self.head_lr_scale!r}")
 
 
 @dataclasses.dataclass(frozen=True)

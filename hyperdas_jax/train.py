@@ -96,6 +96,20 @@ def lr_scale(cfg: TrainConfig) -> optax.Schedule:
     return optax.linear_schedule(1.0, 0.0, transition_steps=max(decay, 1), transition_begin=cfg.steps - decay)
 
 
+def phase_scaled(updates, step, cfg: TrainConfig):
+    """`updates` with the selection head's scaled by `straight_through.head_lr_scale` from the phase's start.
+
+    Scaling an AdamW update scales that group's learning rate (weight decay included) without touching
+    the optimizer state, so a run can change it at a branch point.
+    """
+    st = cfg.straight_through
+    if st.mode is None or st.head_lr_scale == 1.0:
+        return updates
+    factor = jnp.where(jnp.asarray(step) >= int(st.start_ratio * cfg.steps), st.head_lr_scale, 1.0)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, u: u * factor.astype(u.dtype) if param_group(p, cfg) == "head" else u, updates)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """clip_by_global_norm, then per-group AdamW (β 0.9/0.999, ε 1e-8), constant learning rates (§7.3).
 
@@ -181,6 +195,7 @@ def train_step(params, opt_state, target_state, batch, step, rng, *, ctx: StepCo
     """
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, target_state, batch, step, rng, ctx)
     updates, new_opt_state = tx.update(grads, opt_state, params)
+    updates = phase_scaled(updates, step, ctx.train)
     new_params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])

@@ -52,6 +52,7 @@ def strict_json_lines(path: pathlib.Path) -> list[dict]:
     ("train.straight_through.mode=groundtruth", "train.straight_through.mode must be null or one of"),
     ("train.straight_through.mode=bidding_argmax train.straight_through.share=0",
      "train.straight_through.share must be in (0, 1]"),
+    ("train.straight_through.head_lr_scale=-1", "train.straight_through.head_lr_scale must be >= 0"),
     ("train.weight_average.start_ratio=1", "train.weight_average.start_ratio must be null or in [0, 1)"),
     ("train.weight_average.start_ratio=0.5 train.weight_average.every=0", "train.weight_average.every must be >= 1"),
     ("intervention.reflections=0", "intervention.reflections must be >= 1"),

@@ -364,6 +364,36 @@ def test_straight_through_patches_with_the_hard_selection_and_trains_the_soft_on
     assert float(optax_norm(g_st["head"])) > 0
 
 
+def test_straight_through_head_lr_scale_slows_only_the_head_and_only_in_the_phase():
+    """train.straight_through.head_lr_scale: from the phase's start step the selection head's update is the
+    unscaled one times the factor; before it, and for every other group, the two runs are bit for bit equal."""
+    from hyperdas_jax.train import param_group
+
+    batch = make_batch(np.random.default_rng(12))
+    moved = {}
+    for scale in (1.0, 0.25):
+        cfg, target, model = tiny(["train.steps=10", "train.straight_through.mode=bidding_argmax",
+                                   "train.straight_through.start_ratio=0.5",
+                                   f"train.straight_through.head_lr_scale={scale}"])
+        steps = Steps(model, target, cfg)
+        before = jax.tree.map(np.asarray, steps.params)
+        for step in (4, 5):  # the last step before the phase, the first in it
+            params, _, _ = steps.train(steps.params, steps.init_opt_state(steps.params), batch, step,
+                                       jax.random.key(0))
+            moved[scale, step] = jax.tree.map(lambda a, b: np.asarray(a) - b, params, before)
+    leaves = {key: jax.tree.leaves(tree) for key, tree in moved.items()}
+    paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(before)]
+    assert any(param_group(path, cfg.train) == "head" for path in paths)
+    for n, path in enumerate(paths):
+        np.testing.assert_array_equal(leaves[0.25, 4][n], leaves[1.0, 4][n])
+        if param_group(path, cfg.train) == "head":
+            assert np.abs(leaves[1.0, 5][n]).max() > 0
+            # params after minus before: float32 rounding of the subtraction, ~1e-9 against updates of ~1e-4
+            np.testing.assert_allclose(leaves[0.25, 5][n], 0.25 * leaves[1.0, 5][n], rtol=1e-5, atol=1e-8)
+        else:
+            np.testing.assert_array_equal(leaves[0.25, 5][n], leaves[1.0, 5][n])
+
+
 def test_memories_of_the_visible_tokens_only_give_the_same_step(setup):
     """Collated batches carry `*_memory_index`: the hypernetwork's memories then hold only the visible
     tokens (w of t positions), and loss, gradients, logits and A equal the full memories'."""

@@ -242,6 +242,8 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) ->
         + f"causal/isolate weights {t.causal_loss_weight:g}/{t.iso_loss_weight:g}, sparsity weight {sparsity}"
         + (f", straight-through {st.mode} on {st.share:.0%} of each batch from step {int(st.start_ratio * t.steps)}"
            if st.mode is not None else "")
+        + (f" (selection-head lr x{st.head_lr_scale:g} from then)" if st.mode is not None and st.head_lr_scale != 1
+           else "")
         + (f", weights averaged every {wa.every} steps from step {sampled[0]}" if sampled else "")
         + (f"; scored: step {step}, the best mean validation disentangle of {' and '.join(cfg.eval.modes)} "
            f"(validation every {t.eval_every} steps)" if step is not None else "")

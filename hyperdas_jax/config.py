@@ -403,10 +403,13 @@ class SparsityConfig:
     start: float = 0.15
     end: float = 1.5
     warmup_ratio: float = 0.5
+    form: str = "mass"  # "mass" (the original's Σ S_i over full rows) or "log" (its gradient does not saturate)
 
     def __post_init__(self):
         if self.schedule not in ("linear", "ramp", "constant"):
             raise ConfigError(f"train.sparsity.schedule must be 'linear', 'ramp' or 'constant', got {self.schedule!r}")
+        if self.form not in ("mass", "log"):
+            raise ConfigError(f"train.sparsity.form must be 'mass' or 'log', got {self.form!r}")
         _at_least(self, "start end", 0)
         require(0 <= self.warmup_ratio < 1, f"train.sparsity.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
 

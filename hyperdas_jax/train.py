@@ -174,7 +174,7 @@ def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):
     sparsity = jnp.float32(0.0)
     weight = 0.0
     if out.soft_selection is not None:
-        sparsity = sparsity_loss(out.soft_selection, batch["valid"])
+        sparsity = sparsity_loss(out.soft_selection, batch["valid"], t.sparsity.form)
     if t.sparsity.enabled and out.soft_selection is not None:
         s = t.sparsity
         weight = sparsity_weight(step, t.steps, start=s.start, end=s.end, warmup_ratio=s.warmup_ratio,

@@ -48,6 +48,7 @@ def strict_json_lines(path: pathlib.Path) -> list[dict]:
     ("train.batch_size=0", "train.batch_size must be >= 1"),
     ("eval.batch_size=0", "eval.batch_size must be >= 1"),
     ("train.sparsity.warmup_ratio=1.5", "train.sparsity.warmup_ratio must be in [0, 1)"),
+    ("train.sparsity.form=entropy", "train.sparsity.form must be 'mass' or 'log'"),
     ("train.lr_decay_ratio=-0.1", "train.lr_decay_ratio must be in [0, 1]"),
     ("train.straight_through.mode=groundtruth", "train.straight_through.mode must be null or one of"),
     ("train.straight_through.mode=bidding_argmax train.straight_through.share=0",

@@ -313,6 +313,62 @@ def test_sparsity_loss_values():
     assert float(loss(a[:1, [0, 2]])) == pytest.approx(1.25)  # one source row only
 
 
+def _sparsity_log_reference(a, valid):
+    """Σ_j −log(max(1 − m_j, 1e-12)) per example, m_j the column's mass in rows with S_i > 1; valid-weighted mean."""
+    a = np.asarray(a, np.float64)
+    out = []
+    for ex in a:
+        over = ex[:-1].sum(axis=1) > 1.0
+        rest = ex[-1] + ex[:-1][~over].sum(axis=0)
+        out.append(-np.log(np.maximum(rest, 1e-12)).sum())
+    w = np.asarray(valid, np.float64)
+    return (np.asarray(out) * w).sum() / w.sum()
+
+
+def test_sparsity_loss_log_form_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 6, 5)) * 2.0
+    logits[:, 0] += 2.5  # source row 0 takes most columns: S_0 > 1 in every example
+    a = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=1)
+    valid = np.asarray([1, 1, 0, 1])
+    assert (np.asarray(a)[:, 0].sum(axis=-1) > 1).all()
+    got = float(jax.jit(sparsity_loss, static_argnames="form")(a, jnp.asarray(valid), form="log"))
+    assert got == pytest.approx(_sparsity_log_reference(a, valid), rel=1e-5)
+    # A column given wholly to full rows hits the floor instead of an infinity.
+    hand = jnp.asarray([[[0.5, 0.5, 0.25], [0.25, 0.5, 0.5], [0.25, 0.0, 0.25]]], jnp.float32)
+    assert float(sparsity_loss(hand, form="log")) == pytest.approx(-2 * np.log(0.25) - np.log(1e-12), rel=1e-6)
+    # No full row: 0, as "mass".
+    even = jnp.full((2, 3, 2), 1 / 3, jnp.float32)
+    assert float(sparsity_loss(even, form="log")) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="sparsity form"):
+        sparsity_loss(even, form="entropy")
+
+
+def test_sparsity_loss_log_form_matches_mass_to_first_order_and_does_not_saturate():
+    # Small over-full mass: the two forms agree to O(m^2).
+    a = np.full((1, 4, 8), 0.0, np.float32)
+    a[0, 0] = 0.15  # S_0 = 1.2 > 1, m_j = 0.15 in every column
+    a[0, 1:3] = 0.05
+    a[0, 3] = 1 - a[0, :3].sum(axis=0)
+    a = jnp.asarray(a)
+    mass, log = float(sparsity_loss(a)), float(sparsity_loss(a, form="log"))
+    assert mass == pytest.approx(1.2, rel=1e-6)
+    assert log == pytest.approx(-8 * np.log(0.85), rel=1e-6)
+    assert abs(log - mass) < 8 * 0.15 ** 2  # −log(1 − m) − m ≤ m² for m ≤ 1/2
+
+    # Saturated: every column gives ~all its mass to one over-full source row. The logits' gradient of
+    # "mass" vanishes with the rest of the column; "log"'s keeps A on that row.
+    z = np.zeros((1, 4, 8), np.float32)
+    z[0, 0] = 12.0
+    z = jnp.asarray(z)
+    g_mass = jax.grad(lambda z: sparsity_loss(jax.nn.softmax(z, axis=1)))(z)
+    g_log = jax.grad(lambda z: sparsity_loss(jax.nn.softmax(z, axis=1), form="log"))(z)
+    a = np.asarray(jax.nn.softmax(z, axis=1))
+    assert np.abs(np.asarray(g_mass)).max() < 1e-4
+    np.testing.assert_allclose(np.asarray(g_log)[0, 0], a[0, 0], rtol=1e-3)  # ≈ 1 per column
+    np.testing.assert_allclose(np.asarray(g_log).sum(axis=1), 0.0, atol=1e-5)  # a softmax's logits: sums to 0
+
+
 def test_sparsity_weight_schedule():
     lin = np.linspace(0.15, 1.5, 11)
     w = lambda s, **kw: float(sparsity_weight(s, 10, start=0.15, end=1.5, **kw))  # noqa: E731

@@ -276,19 +276,36 @@ def _with_self_row(chosen: jax.Array) -> jax.Array:
 # Source-selection sparsity loss and its schedule
 
 
-def sparsity_loss(a: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-    """Mean over examples of Σ_i [S_i > 1]·S_i, S_i = Σ_j A[i, j] over source rows (method notes §4.3).
+def sparsity_loss(a: jax.Array, valid: jax.Array | None = None, form: str = "mass") -> jax.Array:
+    """Mean over examples of the source-selection penalty (method notes §4.3).
 
-    The penalty is S_i itself, not S_i − 1, as in the original: it jumps from 0 to above 1.
+    With S_i = Σ_j A[i, j] over source rows and P = {i : S_i > 1}:
+    "mass" (the original): Σ_{i∈P} S_i. The penalty is S_i itself, not S_i − 1, as in the original: it
+    jumps from 0 to above 1.
+    "log" (an addition): Σ_j −log(1 − m_j), m_j = Σ_{i∈P} A[i, j] the mass base column j gives to P,
+    1 − m_j summed from the rest of the column (SELF included). Σ_j m_j = Σ_{i∈P} S_i, so it equals
+    "mass" to first order in m_j; but where "mass"'s gradient on a column's logits, A[k, j]·(1[k∈P] − m_j),
+    vanishes as m_j → 1 (every column given to over-full rows), "log"'s is A[k, j]·(1[k∈P] − m_j)/(1 − m_j),
+    A[k, j] on P's rows. 1 − m_j is floored at 1e-12.
 
     Args:
-      a: (b, i+1, j) assignment, SELF row last (excluded).
+      a: (b, i+1, j) assignment, SELF row last (excluded from P).
       valid: optional (b,) weights; padded batch rows get 0 and do not count in the mean.
+      form: "mass" or "log".
     Returns:
       Scalar float32 (0 when no example is valid).
     """
-    mass = a[:, :-1, :].astype(jnp.float32).sum(axis=-1)  # (b, i)
-    per_example = jnp.where(mass > 1.0, mass, 0.0).sum(axis=-1)  # (b,)
+    a = a.astype(jnp.float32)
+    mass = a[:, :-1, :].sum(axis=-1)  # (b, i)
+    over = mass > 1.0  # (b, i): P, a constant of the gradient as the original's indicator
+    if form == "mass":
+        per_example = jnp.where(over, mass, 0.0).sum(axis=-1)  # (b,)
+    elif form == "log":
+        keep = jnp.concatenate([~over, jnp.ones_like(over[:, :1])], axis=1)  # (b, i+1): outside P, SELF last
+        rest = jnp.einsum("bij,bi->bj", a, keep.astype(jnp.float32))  # (b, j): 1 − m_j
+        per_example = -jnp.log(jnp.maximum(rest, 1e-12)).sum(axis=-1)  # (b,)
+    else:
+        raise ValueError(f"unknown sparsity form {form!r}; expected 'mass' or 'log'")
     if valid is None:
         return per_example.mean()
     w = valid.astype(jnp.float32)

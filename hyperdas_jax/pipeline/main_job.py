@@ -232,6 +232,8 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) ->
         mean = f"steps {', '.join(map(str, scored))}" if len(scored) == averaged else f"{averaged} steps"
     sparsity = ("off" if not sp.enabled else f"constant {sp.start:g}" if sp.schedule == "constant" else
                 f"{sp.schedule} {sp.start:g} -> {sp.end:g} from step {int(sp.warmup_ratio * t.steps)}")
+    if sp.enabled and sp.form != "mass":
+        sparsity += f" ({sp.form} form)"
     return [
         f"- target `{cfg.target.path}` ({cfg.target.dtype}); intervention at hs[{cfg.intervention.layer}], "
         f"{iv.subspace} subspace of rank {iv.rank}" + (f", {iv.reflections} reflections" if reflect else ""),

@@ -444,6 +444,10 @@ class StraightThroughConfig:
         require(0 <= self.head_lr_scale, f"train.straight_through.head_lr_scale must be >= 0, "
                 f"got {self.head_lr_scale!r}")
 
+    def start_step(self, steps: int) -> int:
+        """The phase's first step in a run of `steps` steps: int(start_ratio·steps), Python's truncation."""
+        return int(self.start_ratio * steps)
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightAverageConfig:

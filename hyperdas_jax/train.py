@@ -105,7 +105,7 @@ def phase_scaled(updates, step, cfg: TrainConfig):
     st = cfg.straight_through
     if st.mode is None or st.head_lr_scale == 1.0:
         return updates
-    factor = jnp.where(jnp.asarray(step) >= int(st.start_ratio * cfg.steps), st.head_lr_scale, 1.0)
+    factor = jnp.where(jnp.asarray(step) >= st.start_step(cfg.steps), st.head_lr_scale, 1.0)
     return jax.tree_util.tree_map_with_path(
         lambda p, u: u * factor.astype(u.dtype) if param_group(p, cfg) == "head" else u, updates)
 
@@ -155,7 +155,7 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
     st = cfg.train.straight_through
     hard = {}
     if training and st.mode is not None:
-        hard = dict(straight_through=st.mode, straight_through_from=int(st.start_ratio * cfg.train.steps),
+        hard = dict(straight_through=st.mode, straight_through_from=st.start_step(cfg.train.steps),
                     straight_through_share=st.share)
     return ForwardSpec(layer=iv.layer, mode=mode, window=window, total_steps=cfg.train.steps,
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,

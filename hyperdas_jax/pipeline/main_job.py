@@ -242,7 +242,7 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) ->
         f"rotation lr {t.rotate_lr:g}, "
         + (f"reflection-vector lr {t.lr if t.reflect_lr is None else t.reflect_lr:g}, " if reflect else "")
         + f"causal/isolate weights {t.causal_loss_weight:g}/{t.iso_loss_weight:g}, sparsity weight {sparsity}"
-        + (f", straight-through {st.mode} on {st.share:.0%} of each batch from step {int(st.start_ratio * t.steps)}"
+        + (f", straight-through {st.mode} on {st.share:.0%} of each batch from step {st.start_step(t.steps)}"
            if st.mode is not None else "")
         + (f" (selection-head lr x{st.head_lr_scale:g} from then)" if st.mode is not None and st.head_lr_scale != 1
            else "")

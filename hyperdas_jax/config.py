@@ -365,6 +365,11 @@ class InterventionConfig:
     # of the target's own hs[layer] states after subtracting each prompt's mean (BOS left out). Built
     # from what the method already sees, never from entity positions; 0 = off (the original).
     similarity_prior: float = 0.0
+    # Beyond the paper: adds anchor_prior·(cos(s_i, e_s) + cos(b_j, e_b)) to every pair logit, e_b and e_s the
+    # target's hs[layer] states of the base and source entity's names inside the instruction
+    # ("Vienna ; Paris - Country"), every state centred on its sequence's mean. Built from the instruction,
+    # which the method reads at inference, never from entity positions; 0 = off (the original).
+    anchor_prior: float = 0.0
     # RoPE positions of the selection head's SELF row: "real" counts only real base tokens, so A does
     # not depend on how a batch is padded; "original" counts every SELF entry, pads included, as the
     # original implementation does (identical on a batch without padding).

@@ -114,6 +114,8 @@ class SyntheticBatches:
             "source_intervention_mask": ((pos >= start_s) & (pos <= start_s + n_spre[:, None])).astype(np.int32),
             "base_entity_pos": (start_b[:, 0] + n_pre).astype(np.int32),
             "source_entity_pos": (start_s[:, 0] + n_spre).astype(np.int32),
+            "base_anchor_pos": (start_e[:, 0] + 1).astype(np.int32),  # n_e >= 4: BOS + at least 3 tokens
+            "source_anchor_pos": (start_e[:, 0] + 2).astype(np.int32),
             "is_causal": np.arange(b) % 2 == 0,
             "valid": np.ones(b, bool),
         }

@@ -161,7 +161,21 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
                        bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,
                        remat=cfg.target.remat, similarity_prior=iv.similarity_prior,
-                       self_positions=iv.self_positions, pair_positions=iv.pair_positions, **hard)
+                       anchor_prior=iv.anchor_prior, self_positions=iv.self_positions,
+                       pair_positions=iv.pair_positions, **hard)
+
+
+def check_anchors(batch: dict) -> None:
+    """intervention.anchor_prior needs every real row's instruction to name both entities ("B ; S - A")."""
+    if "base_anchor_pos" not in batch or "source_anchor_pos" not in batch:
+        raise ValueError("intervention.anchor_prior needs batches collated from RAVEL rows (base_anchor_pos, "
+                         "source_anchor_pos: where the instruction names the two entities)")
+    valid = np.asarray(batch.get("valid", np.ones(len(batch["base_anchor_pos"]), bool)), bool)
+    missing = valid & ((np.asarray(batch["base_anchor_pos"]) < 0) | (np.asarray(batch["source_anchor_pos"]) < 0))
+    if missing.any():
+        rows = np.asarray(batch.get("row_index", np.arange(len(valid))))[missing]
+        raise ValueError(f"intervention.anchor_prior: the instruction of row(s) {rows[:5].tolist()} does not read "
+                         "'{base entity} ; {source entity} - {attribute}', so it names no entity to anchor to")
 
 
 def loss_fn(params, target_state, batch, step, rng, ctx: StepContext):
@@ -267,6 +281,8 @@ class Steps:
 
     def prepare(self, batch: dict) -> dict:
         """A host batch with the cached clean states attached when a cache is set (else unchanged)."""
+        if self.cfg.intervention.anchor_prior:
+            check_anchors(batch)
         return batch if self.cache is None else self.cache.attach(batch)
 
     def init_opt_state(self, params):

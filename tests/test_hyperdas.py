@@ -309,6 +309,53 @@ def test_similarity_prior_switch_changes_the_selection_only_when_on(setup):
     np.testing.assert_array_equal(sel[:, -1][batch["base_intervention_mask"] == 0], 1.0)  # masks still exact
 
 
+def test_anchor_prior_adds_the_instructions_entity_similarity_to_the_pair_logits(setup):
+    """intervention.anchor_prior=β: A's columns become softmax(log A + β·prior) over the pair rows, the prior
+    built from the target's own hs[L] of the prompts and of the instruction (the plain forward's states here)."""
+    from hyperdas_jax.models.selection import anchor_prior
+
+    cfg, target, steps = setup
+    batch = make_batch(np.random.default_rng(18))
+    first = batch["editor_mask"].argmax(axis=1)
+    batch["base_anchor_pos"] = (first + 1).astype(np.int32)  # some real instruction tokens after BOS
+    batch["source_anchor_pos"] = (first + 2).astype(np.int32)
+    off = np.asarray(steps.evaluate(steps.params, batch, "soft")["selection"], np.float64)
+    beta = 3.0
+    on = Steps(steps.model(steps.params), target, tiny([f"intervention.anchor_prior={beta}"])[0])
+    sel = np.asarray(on.evaluate(on.params, on.prepare(batch), "soft")["selection"], np.float64)
+
+    L = cfg.intervention.layer
+    hs = lambda ids, mask: np.asarray(target.hidden_states(ids, mask))[L]  # noqa: E731
+    prior = np.asarray(anchor_prior(
+        hs(batch["base_ids"], batch["base_mask"]), batch["base_intervention_mask"], batch["base_mask"],
+        hs(batch["source_ids"], batch["source_mask"]), batch["source_intervention_mask"], batch["source_mask"],
+        hs(batch["editor_ids"], batch["editor_mask"]), batch["editor_mask"], batch["base_anchor_pos"],
+        batch["source_anchor_pos"]), np.float64)
+    logits = np.log(np.maximum(off, 1e-300))
+    logits[:, :-1] += beta * prior
+    want = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want = np.where(off > 0, want, 0.0)
+    want /= want.sum(axis=1, keepdims=True)
+    assert np.abs(sel - off).max() > 0.05
+    np.testing.assert_allclose(sel, want, atol=2e-5)
+    np.testing.assert_array_equal(sel[:, -1][batch["base_intervention_mask"] == 0], 1.0)  # masks still exact
+
+
+def test_anchor_prior_refuses_batches_without_named_entities(setup):
+    _, target, steps = setup
+    on = Steps(steps.model(steps.params), target, tiny(["intervention.anchor_prior=2.0"])[0])
+    batch = make_batch(np.random.default_rng(19))
+    with pytest.raises(ValueError, match="needs batches collated from RAVEL rows"):
+        on.prepare(batch)
+    batch["base_anchor_pos"] = np.array([2, 2, -1, 2], np.int32)
+    batch["source_anchor_pos"] = np.array([3, 3, 3, 3], np.int32)
+    batch["row_index"] = np.array([10, 11, 12, 13], np.int32)
+    with pytest.raises(ValueError, match=r"row\(s\) \[12\] does not read"):
+        on.prepare(batch)
+    batch["valid"][2] = False  # a filler row's anchors are never used for a verdict
+    assert on.prepare(batch) is batch
+
+
 def test_straight_through_patches_with_the_hard_selection_and_trains_the_soft_one():
     """train.straight_through: the training forward is the soft one before its start step; from it on the
     first share of the rows is patched exactly as the hard mode patches at inference, while the selection

@@ -424,6 +424,9 @@ def test_hand_built_batch_literal_arrays():
         "editor_mask": [[0, 0, 1, 1, 1, 1, 1, 1]] * 3,
         "base_entity_pos": [3, 4, 3],
         "source_entity_pos": [5, 4, 5],
+        # Where the instruction names the base and the source entity ("Paris ; Berlin - Country").
+        "base_anchor_pos": [3, 3, 3],
+        "source_anchor_pos": [5, 5, 5],
         "is_causal": [True, False, True],
         "valid": [True, True, False],
         "row_index": [0, 1, -1],
@@ -528,6 +531,11 @@ def test_smollm2_batches_one_bos_entity_and_labels(smollm2_tokenizer, domains):
                 assert upto.startswith(row[prefix_key]) and len(upto) - len(row[prefix_key]) <= 3
                 visible = ids[batch[f"{side}_intervention_mask"][i] == 1]
                 assert text(visible[1:]) == upto
+            # The instruction's anchors end the two names it holds ("{entity} ; {cf entity} - {attribute}").
+            editor, first = batch["editor_ids"][i], int(batch["editor_mask"][i].argmax())
+            base_anchor, source_anchor = batch["base_anchor_pos"][i], batch["source_anchor_pos"][i]
+            assert text(editor[first + 1 : base_anchor + 1]) == row["entity"]
+            assert text(editor[base_anchor + 1 : source_anchor + 1]) == " ; " + row["counterfactual_entity"]
     assert all(te in (16, 32) and tb in (16, 32, 48, 64, 96) and ts in (16, 32, 48, 64)
                for (_, te), (_, tb), (_, ts) in shapes)
 
@@ -709,3 +717,16 @@ def test_entity_pool_errors(domains):
                                               isolate_attributes=("Population",)))
     with pytest.raises(RavelError, match="n_entities"):
         ravel_screen.ScreenOptions(n_entities=1)
+
+
+def test_instruction_anchors_name_the_entities_or_are_missing():
+    tok = _tiny_tokenizer(False)
+    # Word-level tokens: Paris ; Berlin - Country -> 0 1 2 3 4; another form names no entity.
+    assert ravel_tokens.instruction_anchors(tok, ["Paris ; Berlin - Country", "Paris Berlin Country",
+                                                  "Paris ; Berlin - Country"]) == [(0, 2), (-1, -1), (0, 2)]
+    assert ravel_tokens.instruction_anchors(tok, []) == []
+    row = dict(HAND_ROWS[0], edit_instruction="Paris Berlin Country")
+    opts = collate.CollateOptions(batch_size=2, length_buckets=(8, 16), editor_buckets=(4, 8))
+    (b,) = collate.iterate_batches(collate.encode_rows([row, HAND_ROWS[1]], tok, opts), opts)
+    np.testing.assert_array_equal(b["base_anchor_pos"], [-1, 3])
+    np.testing.assert_array_equal(b["source_anchor_pos"], [-1, 5])

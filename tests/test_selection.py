@@ -402,21 +402,23 @@ def test_sparsity_weight_ramp_starts_after_the_warmup():
 # Similarity prior on the selection logits
 
 
+def reference_centred(x, mask, real):
+    """Naive float64: each token minus the mean over its sequence's masked-in non-BOS tokens, unit length; masked 0."""
+    out = np.zeros_like(x)
+    for e in range(x.shape[0]):
+        bos = np.flatnonzero(real[e])[0]
+        keep = [t for t in range(x.shape[1]) if mask[e, t] and t != bos]
+        mean = x[e, keep].mean(0) if keep else 0.0
+        for t in range(x.shape[1]):
+            if mask[e, t]:
+                v = x[e, t] - mean
+                out[e, t] = v / max(np.linalg.norm(v), 1e-6)
+    return out
+
+
 def reference_similarity(base, bmask, breal, src, smask, sreal):
     """Naive float64 centred cosine: mean over visible non-BOS tokens subtracted, masked tokens 0."""
-    def centred(x, mask, real):
-        out = np.zeros_like(x)
-        for e in range(x.shape[0]):
-            bos = np.flatnonzero(real[e])[0]
-            keep = [t for t in range(x.shape[1]) if mask[e, t] and t != bos]
-            mean = x[e, keep].mean(0) if keep else 0.0
-            for t in range(x.shape[1]):
-                if mask[e, t]:
-                    v = x[e, t] - mean
-                    out[e, t] = v / max(np.linalg.norm(v), 1e-6)
-        return out
-
-    s, b = centred(src, smask, sreal), centred(base, bmask, breal)
+    s, b = reference_centred(src, smask, sreal), reference_centred(base, bmask, breal)
     return np.einsum("eid,ejd->eij", s, b)
 
 
@@ -435,6 +437,33 @@ def test_similarity_prior_matches_reference():
     assert got.shape == (3, 4, 5)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.abs(want).max() > 0.2 and (want == 0).any()  # informative and masked entries exist
+
+
+def test_anchor_prior_matches_reference():
+    """intervention.anchor_prior: cos(s_i, e_s) + cos(b_j, e_b), e the instruction's named-entity states."""
+    from hyperdas_jax.models.selection import anchor_prior
+
+    rng = np.random.default_rng(15)
+    _, _, _, bmask, _, smask = _inputs()
+    base, src, editor = (rng.normal(size=(3, n, D)) * 30 for n in (5, 4, 6))
+    base[:, 0] += 500.0  # BOS-like outliers, left out of every mean
+    editor[:, 0] += 500.0
+    breal = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    sreal = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    ereal = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    banchor, sanchor = np.array([3, 1, 2]), np.array([5, 3, 4])
+    e = reference_centred(editor, ereal, ereal)
+    rows = np.arange(3)
+    want = (np.einsum("eid,ed->ei", reference_centred(src, smask, sreal), e[rows, sanchor])[:, :, None]
+            + np.einsum("ejd,ed->ej", reference_centred(base, bmask, breal), e[rows, banchor])[:, None, :])
+    args = [jnp.asarray(x, jnp.float32) if x.dtype.kind == "f" else jnp.asarray(x)
+            for x in (base, bmask, breal, src, smask, sreal, editor, ereal, banchor, sanchor)]
+    got = np.asarray(jax.jit(anchor_prior)(*args))
+    assert got.shape == (3, 4, 5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The anchors matter: another anchor gives another prior.
+    moved = np.asarray(jax.jit(anchor_prior)(*args[:8], jnp.asarray(sanchor), jnp.asarray(banchor)))
+    assert np.abs(moved - got).max() > 0.1
 
 
 def test_prior_adds_to_pair_logits_only(head_and_weights):

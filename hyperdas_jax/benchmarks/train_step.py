@@ -180,6 +180,8 @@ def synthetic_batch(rng, b, te, tb, ts, vocab, answer=3, visible=None):
     batch["labels"] = labels
     batch["base_entity_pos"] = np.full(b, start_b + vb - 1, np.int32)
     batch["source_entity_pos"] = np.full(b, start_s + vs - 1, np.int32)
+    batch["base_anchor_pos"] = np.full(b, te // 2 - 1, np.int32)  # where an instruction would name the entities
+    batch["source_anchor_pos"] = np.full(b, te - 3, np.int32)
     batch["is_causal"] = np.arange(b) % 2 == 0
     batch["valid"] = np.ones(b, bool)
     batch["row_index"] = np.arange(b, dtype=np.int32)

@@ -77,6 +77,8 @@ class EncodedExample:
         source_entity: index in source_ids of the source entity's last token.
         is_causal: causal (True) or isolate (False).
         row_index: index of the row in the encoded input.
+        editor_anchors: indices in editor_ids of the last token of the base and of the source entity's
+            name in the instruction ("{base} ; {source} - {attribute}"); (-1, -1) for another form.
     """
 
     editor_ids: tuple[int, ...]
@@ -89,6 +91,7 @@ class EncodedExample:
     source_entity: int
     is_causal: bool
     row_index: int
+    editor_anchors: tuple[int, int] = (-1, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +138,13 @@ def encode_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, options: Coll
         tokenizer, [r["input_prefix"] + r["input_suffix"] for r in rows], [expected_answer(r) for r in rows]
     )
     instructions = ravel_tokens.encode_texts(tokenizer, [r["edit_instruction"] for r in rows])
+    anchors = ravel_tokens.instruction_anchors(tokenizer, [r["edit_instruction"] for r in rows])
 
     limit = options.length_limit
     dropped: collections.Counter[str] = collections.Counter()
     examples = []
-    for i, (row, base, source, answer, instruction) in enumerate(
-        zip(rows, base_prompts, source_prompts, answers, instructions, strict=True)
+    for i, (row, base, source, answer, instruction, anchor) in enumerate(
+        zip(rows, base_prompts, source_prompts, answers, instructions, anchors, strict=True)
     ):
         base_ids = (bos, *base.ids, *answer)
         source_ids = (bos, *source.ids)
@@ -166,6 +170,7 @@ def encode_rows(rows: Iterable[Mapping[str, Any]], tokenizer: Any, options: Coll
                     source_entity=1 + source.entity_index,
                     is_causal=is_causal(row),
                     row_index=i,
+                    editor_anchors=tuple(1 + a if a >= 0 else -1 for a in anchor),
                 )
             )
     return EncodedRows(tuple(examples), dict(dropped), len(rows), pad)
@@ -214,6 +219,9 @@ def collate_batch(
         source_memory_index      (B, Ws) int32  the same for source_intervention_mask
         base_entity_pos          (B,)    int32  position of the base entity's last token
         source_entity_pos        (B,)    int32  position of the source entity's last token
+        base_anchor_pos          (B,)    int32  position in editor_ids of the base entity name's last
+                                                token (EncodedExample.editor_anchors); -1 if none
+        source_anchor_pos        (B,)    int32  the same for the source entity's name
         is_causal                (B,)    bool   causal row (answer = source's value); else isolate
         valid                    (B,)    bool   False on filler rows of the last partial batch
         row_index                (B,)    int32  index of the row in the encoded rows; -1 on filler
@@ -240,6 +248,8 @@ def collate_batch(
         "source_intervention_mask": full((size, ts), 0),
         "base_entity_pos": full((size,), 0),
         "source_entity_pos": full((size,), 0),
+        "base_anchor_pos": full((size,), -1),
+        "source_anchor_pos": full((size,), -1),
         "is_causal": full((size,), False, bool),
         "valid": full((size,), False, bool),
         "row_index": full((size,), -1),
@@ -256,6 +266,8 @@ def collate_batch(
         off = te - len(e.editor_ids)
         batch["editor_ids"][i, off:] = e.editor_ids
         batch["editor_mask"][i, off:] = 1
+        for key, anchor in zip(("base_anchor_pos", "source_anchor_pos"), e.editor_anchors):
+            batch[key][i] = off + anchor if anchor >= 0 else -1
 
         off = tb - len(e.base_ids)
         prompt_end = off + e.base_prompt_len

@@ -118,3 +118,32 @@ def encode_prompts(tokenizer: Any, prefixes: Sequence[str], suffixes: Sequence[s
         entity_index = in_prefix[-1]
         encoded.append(EncodedPrompt(tuple(ids), entity_index, len(ids) - entity_index - 1))
     return [encoded[w] for w in where]
+
+
+def instruction_anchors(tokenizer: Any, instructions: Sequence[str]) -> list[tuple[int, int]]:
+    """Where each concept description names its two entities, as token indices (without BOS).
+
+    A RAVEL edit instruction reads "{base entity} ; {source entity} - {attribute}"; the anchors are
+    the indices, in the instruction's own tokens (tokenised as `encode_texts` does), of the last
+    token of the base name and of the source name. (-1, -1) for an instruction of another form.
+    They come from the instruction text alone, which the method reads at inference, never from
+    the prompts' entity positions.
+    """
+    if not instructions:
+        return []
+    distinct, where = _unique(list(instructions))
+    try:
+        enc = tokenizer(distinct, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise RavelError("instruction anchors need a fast tokenizer (token offsets)") from e
+    anchors = []
+    for text, offsets in zip(distinct, enc["offset_mapping"]):
+        base_end = text.find(" ; ")
+        source_end = text.rfind(" - ")
+        if base_end < 1 or source_end < base_end + 4:
+            anchors.append((-1, -1))
+            continue
+        # The last token that starts before a name's end is the one holding its last character.
+        last = lambda end: max((i for i, (start, _) in enumerate(offsets) if start < end), default=-1)  # noqa: E731
+        anchors.append((last(base_end), last(source_end)))
+    return [anchors[w] for w in where]

@@ -20,7 +20,7 @@ from hyperdas_jax.models.hypernet import HyperNetwork, copy_from_target, editor_
 from hyperdas_jax.models.intervention import make_subspace, mix_sources, temperature
 from hyperdas_jax.models.layers import remat_module
 from hyperdas_jax.models.llama import Llama
-from hyperdas_jax.models.selection import select, similarity_prior
+from hyperdas_jax.models.selection import anchor_prior, select, similarity_prior
 
 
 class HyperDAS(nnx.Module):
@@ -75,6 +75,7 @@ class ForwardSpec:
     break_asymmetric: bool = False
     remat: bool = False
     similarity_prior: float = 0.0  # scale of `selection.similarity_prior` added to the pair logits; 0 = off
+    anchor_prior: float = 0.0  # scale of `selection.anchor_prior` added to the pair logits; 0 = off
     self_positions: str = "real"  # "real" or "original": see InterventionConfig.self_positions
     pair_positions: str = "rope"  # "rope" or "none": see InterventionConfig.pair_positions
     # Training only (TrainConfig.straight_through): from step `straight_through_from` on, the first
@@ -130,10 +131,19 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     if spec.break_asymmetric:
         key = jax.random.fold_in(rng if rng is not None else jax.random.key(0), step)
         swap = jax.random.bernoulli(key)  # one coin for the whole batch, as in the original
-    prior = None
+    prior = 0.0
     if spec.similarity_prior:
         prior = spec.similarity_prior * similarity_prior(hs_base[L], base_iv, batch["base_mask"],
                                                          hs_src[L], src_iv, batch["source_mask"])  # (b, i, j)
+    if spec.anchor_prior:
+        if "base_anchor_pos" not in batch:
+            raise ValueError("intervention.anchor_prior needs batches collated from RAVEL rows (base_anchor_pos, "
+                             "source_anchor_pos: where the instruction names the two entities)")
+        editor_l = instruction_states(target, batch["editor_ids"], batch["editor_mask"], L)  # (b, e, d)
+        prior = prior + spec.anchor_prior * anchor_prior(
+            hs_base[L], base_iv, batch["base_mask"], hs_src[L], src_iv, batch["source_mask"], editor_l,
+            batch["editor_mask"], batch["base_anchor_pos"], batch["source_anchor_pos"])  # (b, i, j)
+    prior = None if isinstance(prior, float) else prior
     soft = model.head(z_last, pos_last, unit_normalise(hs_base[L]), base_iv, unit_normalise(hs_src[L]), src_iv,
                       swap=swap, base_attention_mask=batch["base_mask"] if spec.self_positions == "real" else None,
                       prior=prior, positions=spec.pair_positions)
@@ -153,6 +163,12 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     w = spec.window
     logits = target.unembed(h[:, -w - 1:-1])  # position t-1 predicts the label at t
     return Outputs(logits, batch["labels"][:, -w:], a, soft)
+
+
+def instruction_states(target: Llama, ids: jax.Array, mask: jax.Array, layer: int) -> jax.Array:
+    """The frozen target's hs[layer] (b, e, d) of the instruction tokens (ids, mask (b, e), left padded)."""
+    h = target.run_layers(target.embed(ids), target.attn_inputs(mask), 0, layer)
+    return jax.lax.stop_gradient(h)
 
 
 def straight_through(a: jax.Array, hard: jax.Array, on, rows: int) -> jax.Array:

@@ -70,13 +70,13 @@ def test_main_job_refuses_to_reuse_a_stage_trained_with_other_settings(tmp_path,
 
 
 @pytest.mark.parametrize("overrides, averaged, expected, absent", [
-    ([], 0, ["reflect subspace of rank 128, 32 reflections", "reflection-vector lr 4e-05",
+    ([], 0, ["reflect subspace of rank 128, 32 reflections; selection logits + 4 x the instruction-anchor prior",
+             "reflection-vector lr 4e-05",
              "sparsity weight ramp 0.15 -> 1.5 from step 250", "weights averaged every 50 steps from step 350",
              "straight-through bidding_argmax on 25% of each batch from step 350"],
-     ["mean of the weights", "prior"]),
-    (["intervention.anchor_prior=4", "intervention.similarity_prior=0.5"], 0,
-     ["32 reflections; selection logits + 4 x the instruction-anchor prior; selection logits + 0.5 x the "
-      "similarity prior"], []),
+     ["mean of the weights", "similarity prior"]),
+    (["intervention.anchor_prior=0", "intervention.similarity_prior=0.5"], 0,
+     ["32 reflections; selection logits + 0.5 x the similarity prior"], ["anchor"]),
     (["train.reflect_lr=1e-3", "train.sparsity.schedule=constant", "train.sparsity.start=0.25"], 0,
      ["reflection-vector lr 0.001", "sparsity weight constant 0.25"], ["->"]),
     (["train.sparsity.form=log"], 0, ["sparsity weight ramp 0.15 -> 1.5 from step 250 (log form)"], []),

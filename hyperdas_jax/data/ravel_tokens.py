@@ -136,14 +136,16 @@ def instruction_anchors(tokenizer: Any, instructions: Sequence[str]) -> list[tup
         enc = tokenizer(distinct, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:
         raise RavelError("instruction anchors need a fast tokenizer (token offsets)") from e
+
+    def last_token(offsets, end: int) -> int:
+        """The last token starting before character `end`: the one holding the name's last character."""
+        return max((i for i, (start, _) in enumerate(offsets) if start < end), default=-1)
+
     anchors = []
     for text, offsets in zip(distinct, enc["offset_mapping"]):
-        base_end = text.find(" ; ")
-        source_end = text.rfind(" - ")
-        if base_end < 1 or source_end < base_end + 4:
+        base_end, source_end = text.find(" ; "), text.rfind(" - ")
+        if base_end < 1 or source_end < base_end + 4:  # both names need at least one character
             anchors.append((-1, -1))
-            continue
-        # The last token that starts before a name's end is the one holding its last character.
-        last = lambda end: max((i for i, (start, _) in enumerate(offsets) if start < end), default=-1)  # noqa: E731
-        anchors.append((last(base_end), last(source_end)))
+        else:
+            anchors.append((last_token(offsets, base_end), last_token(offsets, source_end)))
     return [anchors[w] for w in where]

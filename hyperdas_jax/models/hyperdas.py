@@ -131,19 +131,19 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     if spec.break_asymmetric:
         key = jax.random.fold_in(rng if rng is not None else jax.random.key(0), step)
         swap = jax.random.bernoulli(key)  # one coin for the whole batch, as in the original
-    prior = 0.0
+    priors = []  # (b, i, j) terms added to the pair logits
     if spec.similarity_prior:
-        prior = spec.similarity_prior * similarity_prior(hs_base[L], base_iv, batch["base_mask"],
-                                                         hs_src[L], src_iv, batch["source_mask"])  # (b, i, j)
+        priors.append(spec.similarity_prior * similarity_prior(hs_base[L], base_iv, batch["base_mask"],
+                                                               hs_src[L], src_iv, batch["source_mask"]))
     if spec.anchor_prior:
         if "base_anchor_pos" not in batch:
             raise ValueError("intervention.anchor_prior needs batches collated from RAVEL rows (base_anchor_pos, "
                              "source_anchor_pos: where the instruction names the two entities)")
         editor_l = instruction_states(target, batch["editor_ids"], batch["editor_mask"], L)  # (b, e, d)
-        prior = prior + spec.anchor_prior * anchor_prior(
+        priors.append(spec.anchor_prior * anchor_prior(
             hs_base[L], base_iv, batch["base_mask"], hs_src[L], src_iv, batch["source_mask"], editor_l,
-            batch["editor_mask"], batch["base_anchor_pos"], batch["source_anchor_pos"])  # (b, i, j)
-    prior = None if isinstance(prior, float) else prior
+            batch["editor_mask"], batch["base_anchor_pos"], batch["source_anchor_pos"]))
+    prior = sum(priors[1:], priors[0]) if priors else None
     soft = model.head(z_last, pos_last, unit_normalise(hs_base[L]), base_iv, unit_normalise(hs_src[L]), src_iv,
                       swap=swap, base_attention_mask=batch["base_mask"] if spec.self_positions == "real" else None,
                       prior=prior, positions=spec.pair_positions)

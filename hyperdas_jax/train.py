@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from hyperdas_jax.config import ExperimentConfig, TrainConfig
-from hyperdas_jax.models.hyperdas import ForwardSpec, forward
+from hyperdas_jax.models.hyperdas import MISSING_ANCHORS, ForwardSpec, forward
 from hyperdas_jax.models.selection import sparsity_loss, sparsity_weight
 from hyperdas_jax.sharding import use_mesh
 
@@ -168,8 +168,7 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
 def check_anchors(batch: dict) -> None:
     """intervention.anchor_prior needs every real row's instruction to name both entities ("B ; S - A")."""
     if "base_anchor_pos" not in batch or "source_anchor_pos" not in batch:
-        raise ValueError("intervention.anchor_prior needs batches collated from RAVEL rows (base_anchor_pos, "
-                         "source_anchor_pos: where the instruction names the two entities)")
+        raise ValueError(MISSING_ANCHORS)
     valid = np.asarray(batch.get("valid", np.ones(len(batch["base_anchor_pos"]), bool)), bool)
     missing = valid & ((np.asarray(batch["base_anchor_pos"]) < 0) | (np.asarray(batch["source_anchor_pos"]) < 0))
     if missing.any():

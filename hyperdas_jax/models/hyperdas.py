@@ -23,6 +23,10 @@ from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.models.selection import anchor_prior, select, similarity_prior
 
 
+MISSING_ANCHORS = ("intervention.anchor_prior needs batches collated from RAVEL rows (base_anchor_pos, "
+                   "source_anchor_pos: where the instruction names the two entities)")
+
+
 class HyperDAS(nnx.Module):
     """Everything HyperDAS trains: `hypernet`, `head` (selection), `subspace` (e.g. ReflectSelect)."""
 
@@ -137,8 +141,7 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
                                                                hs_src[L], src_iv, batch["source_mask"]))
     if spec.anchor_prior:
         if "base_anchor_pos" not in batch:
-            raise ValueError("intervention.anchor_prior needs batches collated from RAVEL rows (base_anchor_pos, "
-                             "source_anchor_pos: where the instruction names the two entities)")
+            raise ValueError(MISSING_ANCHORS)
         editor_l = instruction_states(target, batch["editor_ids"], batch["editor_mask"], L)  # (b, e, d)
         priors.append(spec.anchor_prior * anchor_prior(
             hs_base[L], base_iv, batch["base_mask"], hs_src[L], src_iv, batch["source_mask"], editor_l,

@@ -162,5 +162,5 @@ def test_cached_instruction_states_serve_the_anchor_prior(setup):
           EncodedExample((1, 5), (1, 5, 6, 7), 3, 1, 1, (1, 9, 9), 0, 1, False, 1, (1, 1)),
           EncodedExample((1, 5), (1, 5, 6, 8), 3, 1, 1, (1, 9, 9), 0, 1, False, 2, (1, 1))]
     made = make_cache(on, ex, progress=False)
-    assert len(made.instructions) == 2 and len(made) == 5
+    assert len(made.instructions) == 2 and len(made) == 4  # 2 distinct bases, 2 distinct sources
     assert make_cache(steps, ex, progress=False).instructions is None  # the prior off: nothing extra

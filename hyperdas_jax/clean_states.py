@@ -15,6 +15,10 @@ tokens, pads are masked keys), and the model never reads a pad position's state 
 memories, the selection and the upper blocks' attention), so the cached step computes the same
 loss and gradients as the uncached one (tests/test_clean_states.py).
 
+With `instruction_layer=L` (HyperDAS with `intervention.anchor_prior`) the cache also keeps hs[L] of every
+distinct instruction (editor_ids) and attaches it as `editor_layer_states` (b, e, d): the states the anchor
+prior reads (hyperdas_jax/models/hyperdas.py `instruction_states`).
+
 A cache built with `layer=L` keeps only hs[L] (the residual stream entering block L) and attaches
 it as `base_layer_states` / `source_layer_states` (b, t, d): all the MDAS baseline's step reads of
 the clean passes (hyperdas_jax/mdas.py).
@@ -36,7 +40,8 @@ from hyperdas_jax.sharding import use_mesh
 # `layer` cache (b, t, d) float32.
 STATE_KEYS = {"base_ids": "base_states", "source_ids": "source_states"}
 LAYER_STATE_KEYS = {"base_ids": "base_layer_states", "source_ids": "source_layer_states"}
-_MASKS = {"base_ids": "base_mask", "source_ids": "source_mask"}
+INSTRUCTION_STATE_KEYS = {"editor_ids": "editor_layer_states"}
+_MASKS = {"base_ids": "base_mask", "source_ids": "source_mask", "editor_ids": "editor_mask"}
 _BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # fill's padded widths: a few compiled shapes
 
 
@@ -62,13 +67,19 @@ class CleanStateCache:
         prompts beyond it are computed for their batch and not kept.
       layer: keep only hs[layer], computed by blocks [0, layer) alone, and attach it under
         `LAYER_STATE_KEYS`; None keeps every hs[0..n] under `STATE_KEYS`.
+      keys: which id arrays to serve, under which batch key (default: as `layer` says).
+      instruction_layer: also keep hs[instruction_layer] of each distinct instruction (`instructions`,
+        a cache of its own, outside `limit_bytes`) and attach it under `INSTRUCTION_STATE_KEYS`.
     """
 
-    def __init__(self, graphdef, state, limit_bytes: int | None = None, layer: int | None = None):
+    def __init__(self, graphdef, state, limit_bytes: int | None = None, layer: int | None = None,
+                 keys: dict[str, str] | None = None, instruction_layer: int | None = None):
         self._target_state = state
         self._mesh = jax.tree.leaves(state)[0].sharding.mesh
         self.layer = layer
-        self.keys = STATE_KEYS if layer is None else LAYER_STATE_KEYS
+        self.keys = keys or (STATE_KEYS if layer is None else LAYER_STATE_KEYS)
+        self.instructions = None if instruction_layer is None else CleanStateCache(
+            graphdef, state, None, instruction_layer, keys=INSTRUCTION_STATE_KEYS)
         if layer is None:
             self._fn = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).hidden_states(ids, mask))
         else:
@@ -148,11 +159,11 @@ class CleanStateCache:
 
     def attach(self, batch: dict) -> dict:
         """The batch with `base_states` and `source_states` (or with `layer`, `base_layer_states` and
-        `source_layer_states`) added (host numpy arrays)."""
+        `source_layer_states`; with `instruction_layer` also `editor_layer_states`) added (host numpy arrays)."""
         out = dict(batch)
         for ids_key, states_key in self.keys.items():
             out[states_key] = self._states(batch[ids_key], batch[_MASKS[ids_key]])
-        return out
+        return out if self.instructions is None else self.instructions.attach(out)
 
 
 def _layer_states(target, ids, mask, layer: int):
@@ -183,23 +194,33 @@ def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training",
     if t.state_cache == "always" and multi:
         raise ValueError("train.state_cache=always needs a single process; use auto or never on a multi-host mesh")
     limit = int(t.state_cache_gb * 2**30)
+    # HyperDAS with the anchor prior also reads the target's hs[L] of each instruction.
+    instruction_layer = steps.cfg.intervention.layer if layer is None and steps.cfg.intervention.anchor_prior else None
     if examples is None or multi:
         if t.state_cache == "auto":
             return None
-        return CleanStateCache(steps.target_graphdef, steps.target_state, limit, layer)
+        return CleanStateCache(steps.target_graphdef, steps.target_state, limit, layer,
+                               instruction_layer=instruction_layer)
     cfg = nnx.merge(steps.target_graphdef, steps.target_state).config
     examples = list(examples)
     need = estimate_bytes(examples, cfg.num_hidden_layers + 1 if layer is None else 1, cfg.hidden_size)
+    instructions = sorted({e.editor_ids for e in examples}, key=lambda p: (len(p), p)) \
+        if instruction_layer is not None else []
+    need += sum(len(p) for p in instructions) * cfg.hidden_size * 4
     on = t.state_cache == "always" or need <= limit
     print(f"clean-state cache for {what}: {need / 2**30:.2f} GiB estimated (limit {t.state_cache_gb:g} GiB): "
           f"{'on' if on else 'off, the step recomputes the clean passes'}", file=sys.stderr)
     if not on:
         return None
     cache = CleanStateCache(steps.target_graphdef, steps.target_state, None if t.state_cache == "always" else limit,
-                            layer)
+                            layer, instruction_layer=instruction_layer)
     start = time.perf_counter()
     prompts = distinct_prompts(examples)
     cache.fill(prompts, progress=progress)
-    print(f"clean-state cache for {what}: {len(prompts)} prompts, {cache.nbytes / 2**30:.2f} GiB in "
+    if cache.instructions is not None:
+        cache.instructions.fill(instructions, progress=progress)
+    kept = cache.nbytes + (cache.instructions.nbytes if cache.instructions is not None else 0)
+    held = f"{len(prompts)} prompts" + (f" and {len(instructions)} instructions" if instructions else "")
+    print(f"clean-state cache for {what}: {held}, {kept / 2**30:.2f} GiB in "
           f"{time.perf_counter() - start:.0f}s", file=sys.stderr)
     return cache

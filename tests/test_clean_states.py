@@ -122,3 +122,45 @@ def test_make_cache_follows_the_config(setup, capsys):
     assert make_cache(steps, None) is None  # auto with unknown rows: recompute
     with pytest.raises(ConfigError, match="train.state_cache must be"):
         tiny(["train.state_cache=maybe"])
+
+
+def test_cached_instruction_states_serve_the_anchor_prior(setup):
+    """intervention.anchor_prior reads the target's hs[L] of the instruction: cached once per instruction, the
+    step computes the same loss, gradients and selection as with the states computed in the step."""
+    from hyperdas_jax.data.collate import EncodedExample
+
+    _, target, steps = setup
+    cfg = tiny(["intervention.anchor_prior=3.0"])[0]
+    on = Steps(steps.model(steps.params), target, cfg)
+    batch = make_batch(np.random.default_rng(4))
+    first = batch["editor_mask"].argmax(axis=1)
+    batch["base_anchor_pos"], batch["source_anchor_pos"] = (first + 1).astype(np.int32), (first + 2).astype(np.int32)
+    L = cfg.intervention.layer
+    cache = CleanStateCache(on.target_graphdef, on.target_state, instruction_layer=L)
+    cached = cache.attach(batch)
+    real = batch["editor_mask"] > 0
+    hs = np.asarray(target.hidden_states(batch["editor_ids"], batch["editor_mask"]))[L]  # (b, e, d)
+    np.testing.assert_allclose(cached["editor_layer_states"][real], hs[real], atol=1e-5, rtol=0)
+    assert (cached["editor_layer_states"][~real] == 0).all() and len(cache.instructions) == 4
+
+    window = label_window(batch["labels"])
+    ctx = StepContext(on.graphdef, on.target_graphdef, spec_from_config(cfg, window=window), cfg.train)
+    grad = jax.jit(jax.grad(loss_fn, has_aux=True), static_argnames="ctx")
+    g0, m0 = grad(on.params, on.target_state, batch, 3, jax.random.key(0), ctx=ctx)
+    g1, m1 = grad(on.params, on.target_state, cached, 3, jax.random.key(0), ctx=ctx)
+    for key in ("loss", "pred_loss", "sparsity"):
+        np.testing.assert_allclose(float(m1[key]), float(m0[key]), rtol=1e-5, atol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, np.abs(a).max()), rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+    plain, fast = on.evaluate(on.params, batch), on.evaluate(on.params, cached)
+    np.testing.assert_allclose(np.asarray(fast["selection"]), np.asarray(plain["selection"]), atol=1e-6, rtol=0)
+
+    # make_cache builds the instruction store when the prior is on, and counts it in its estimate.
+    ex = [EncodedExample((1, 5, 6), (1, 5, 6, 7), 3, 1, 1, (1, 8), 0, 1, True, 0, (1, 2)),
+          EncodedExample((1, 5), (1, 5, 6, 7), 3, 1, 1, (1, 9, 9), 0, 1, False, 1, (1, 1)),
+          EncodedExample((1, 5), (1, 5, 6, 8), 3, 1, 1, (1, 9, 9), 0, 1, False, 2, (1, 1))]
+    made = make_cache(on, ex, progress=False)
+    assert len(made.instructions) == 2 and len(made) == 4  # 2 distinct bases, 2 distinct sources
+    assert make_cache(steps, ex, progress=False).instructions is None  # the prior off: nothing extra

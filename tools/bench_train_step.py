@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     steps = Steps(build_hyperdas(target.model, cfg), target.model, cfg)
     batch = bench.synthetic_batch(np.random.default_rng(0), b, te, tb, ts, target.config.vocab_size, visible=visible)
     widths = (batch["base_memory_index"].shape[1], batch["source_memory_index"].shape[1])
-    cache = CleanStateCache(steps.target_graphdef, steps.target_state)
+    iv = cfg.intervention
+    cache = CleanStateCache(steps.target_graphdef, steps.target_state,  # as make_cache builds a run's
+                            instruction_layer=iv.layer if iv.anchor_prior else None)
     cache.attach(batch)  # filled once, as a run fills it before training
     key = jax.random.key(0)
     compile_s, step_s = bench.time_step(steps, steps.params, batch, lambda x: x, key, args.runs)

@@ -142,7 +142,10 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     if spec.anchor_prior:
         if "base_anchor_pos" not in batch:
             raise ValueError(MISSING_ANCHORS)
-        editor_l = instruction_states(target, batch["editor_ids"], batch["editor_mask"], L)  # (b, e, d)
+        if "editor_layer_states" in batch:  # cached (clean_states.py): the same ops, run once per instruction
+            editor_l = jax.lax.stop_gradient(batch["editor_layer_states"].astype(jnp.dtype(target.config.dtype)))
+        else:
+            editor_l = instruction_states(target, batch["editor_ids"], batch["editor_mask"], L)  # (b, e, d)
         priors.append(spec.anchor_prior * anchor_prior(
             hs_base[L], base_iv, batch["base_mask"], hs_src[L], src_iv, batch["source_mask"], editor_l,
             batch["editor_mask"], batch["base_anchor_pos"], batch["source_anchor_pos"]))

@@ -17,7 +17,7 @@ loss and gradients as the uncached one (tests/test_clean_states.py).
 
 With `instruction_layer=L` (HyperDAS with `intervention.anchor_prior`) the cache also keeps hs[L] of every
 distinct instruction (editor_ids) and attaches it as `editor_layer_states` (b, e, d): the states the anchor
-prior reads (hyperdas_jax/models/hyperdas.py `instruction_states`).
+prior reads (hyperdas_jax/models/hyperdas.py `forward`).
 
 A cache built with `layer=L` keeps only hs[L] (the residual stream entering block L) and attaches
 it as `base_layer_states` / `source_layer_states` (b, t, d): all the MDAS baseline's step reads of
@@ -86,7 +86,8 @@ class CleanStateCache:
             n = nnx.merge(graphdef, state).config.num_hidden_layers
             if not 0 <= layer <= n:
                 raise ValueError(f"layer must be in [0, {n}], got {layer}")
-            self._fn = jax.jit(lambda state, ids, mask: _layer_states(nnx.merge(graphdef, state), ids, mask, layer))
+            self._fn = jax.jit(
+                lambda state, ids, mask: nnx.merge(graphdef, state).residual_stream(ids, mask, layer)[None])
         self._store: dict[bytes, np.ndarray] = {}
         self.limit_bytes = limit_bytes
         self.nbytes = 0
@@ -164,11 +165,6 @@ class CleanStateCache:
         for ids_key, states_key in self.keys.items():
             out[states_key] = self._states(batch[ids_key], batch[_MASKS[ids_key]])
         return out if self.instructions is None else self.instructions.attach(out)
-
-
-def _layer_states(target, ids, mask, layer: int):
-    """(1, b, t, d): hs[layer] by the same ops as the clean prefix of an MDAS step."""
-    return target.run_layers(target.embed(ids), target.attn_inputs(mask), 0, layer)[None]
 
 
 def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training", progress: bool = True,

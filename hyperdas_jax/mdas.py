@@ -51,9 +51,8 @@ def mdas_forward(model: MDAS, target: Llama, batch: dict, spec: ForwardSpec, ste
         base = jax.lax.stop_gradient(jnp.asarray(batch["base_layer_states"]).astype(dtype))  # (b, tb, d)
         src = jax.lax.stop_gradient(jnp.asarray(batch["source_layer_states"]).astype(dtype))  # (b, ts, d)
     else:
-        s_attn = target.attn_inputs(batch["source_mask"])
-        base = jax.lax.stop_gradient(target.run_layers(target.embed(batch["base_ids"]), b_attn, 0, L))  # (b, tb, d)
-        src = jax.lax.stop_gradient(target.run_layers(target.embed(batch["source_ids"]), s_attn, 0, L))  # (b, ts, d)
+        base = jax.lax.stop_gradient(target.residual_stream(batch["base_ids"], batch["base_mask"], L))  # (b, tb, d)
+        src = jax.lax.stop_gradient(target.residual_stream(batch["source_ids"], batch["source_mask"], L))  # (b, ts, d)
     rows = jnp.arange(base.shape[0])
     b_vec = base[rows, batch["base_entity_pos"]].astype(jnp.float32)  # (b, d)
     s_vec = src[rows, batch["source_entity_pos"]].astype(jnp.float32)  # (b, d)

@@ -103,6 +103,9 @@ def test_span_forward_split_at_every_layer(pair):
         h = m.run_layers(m.embed(ids), attn, 0, layer)
         if layer < m.num_layers:  # raw residual stream hs[L] (the last HF entry is post-norm)
             np.testing.assert_allclose(np.asarray(h), np.asarray(hs[layer]), atol=ATOL, rtol=0)
+            # residual_stream: the same prefix with the positions a left-padded mask implies
+            np.testing.assert_allclose(np.asarray(m.residual_stream(ids, mask, layer)), np.asarray(hs[layer]),
+                                       atol=ATOL, rtol=0)
         logits = m.unembed(m.run_layers(h, attn, layer))
         np.testing.assert_allclose(np.asarray(logits), np.asarray(full_logits), atol=ATOL, rtol=0,
                                    err_msg=f"split at {layer}")

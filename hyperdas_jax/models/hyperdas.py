@@ -145,7 +145,7 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
         if "editor_layer_states" in batch:  # cached (clean_states.py): the same ops, run once per instruction
             editor_l = jax.lax.stop_gradient(batch["editor_layer_states"].astype(jnp.dtype(target.config.dtype)))
         else:
-            editor_l = instruction_states(target, batch["editor_ids"], batch["editor_mask"], L)  # (b, e, d)
+            editor_l = jax.lax.stop_gradient(target.residual_stream(batch["editor_ids"], batch["editor_mask"], L))
         priors.append(spec.anchor_prior * anchor_prior(
             hs_base[L], base_iv, batch["base_mask"], hs_src[L], src_iv, batch["source_mask"], editor_l,
             batch["editor_mask"], batch["base_anchor_pos"], batch["source_anchor_pos"]))
@@ -169,12 +169,6 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     w = spec.window
     logits = target.unembed(h[:, -w - 1:-1])  # position t-1 predicts the label at t
     return Outputs(logits, batch["labels"][:, -w:], a, soft)
-
-
-def instruction_states(target: Llama, ids: jax.Array, mask: jax.Array, layer: int) -> jax.Array:
-    """The frozen target's hs[layer] (b, e, d) of the instruction tokens (ids, mask (b, e), left padded)."""
-    h = target.run_layers(target.embed(ids), target.attn_inputs(mask), 0, layer)
-    return jax.lax.stop_gradient(h)
 
 
 def straight_through(a: jax.Array, hard: jax.Array, on, rows: int) -> jax.Array:

@@ -75,6 +75,10 @@ class Llama(nnx.Module):
                 outs.append(h)
         return (h, outs) if collect else h
 
+    def residual_stream(self, input_ids: jax.Array, attention_mask: jax.Array, layer: int) -> jax.Array:
+        """The raw residual stream entering block `layer` (b, t, d) (hs[layer] for layer < n): blocks [0, layer)."""
+        return self.run_layers(self.embed(input_ids), self.attn_inputs(attention_mask), 0, layer)
+
     def unembed(self, h: jax.Array) -> jax.Array:
         """Final norm + LM head on raw residuals (..., d) -> float32 logits (..., v)."""
         x = self.norm(h)

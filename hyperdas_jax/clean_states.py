@@ -15,9 +15,9 @@ tokens, pads are masked keys), and the model never reads a pad position's state 
 memories, the selection and the upper blocks' attention), so the cached step computes the same
 loss and gradients as the uncached one (tests/test_clean_states.py).
 
-With `instruction_layer=L` (HyperDAS with `intervention.anchor_prior`) the cache also keeps hs[L] of every
-distinct instruction (editor_ids) and attaches it as `editor_layer_states` (b, e, d): the states the anchor
-prior reads (hyperdas_jax/models/hyperdas.py `forward`).
+With `instruction_layer=A` (HyperDAS with `intervention.anchor_prior`; A its anchor layer) the cache also
+keeps hs[A] of every distinct instruction (editor_ids) and attaches it as `editor_layer_states` (b, e, d):
+the states the anchor prior reads (hyperdas_jax/models/hyperdas.py `forward`).
 
 A cache built with `layer=L` keeps only hs[L] (the residual stream entering block L) and attaches
 it as `base_layer_states` / `source_layer_states` (b, t, d): all the MDAS baseline's step reads of
@@ -190,8 +190,9 @@ def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training",
     if t.state_cache == "always" and multi:
         raise ValueError("train.state_cache=always needs a single process; use auto or never on a multi-host mesh")
     limit = int(t.state_cache_gb * 2**30)
-    # HyperDAS with the anchor prior also reads the target's hs[L] of each instruction.
-    instruction_layer = steps.cfg.intervention.layer if layer is None and steps.cfg.intervention.anchor_prior else None
+    # HyperDAS with the anchor prior also reads the target's hs[A] of each instruction (A: its anchor layer).
+    iv = steps.cfg.intervention
+    instruction_layer = iv.anchor_states_layer if layer is None and iv.anchor_prior else None
     if examples is None or multi:
         if t.state_cache == "auto":
             return None

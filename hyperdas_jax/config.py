@@ -370,6 +370,9 @@ class InterventionConfig:
     # ("Vienna ; Paris - Country"), every state centred on its sequence's mean. Built from the instruction,
     # which the method reads at inference, never from entity positions; 0 = off (the original).
     anchor_prior: float = 0.0
+    # The layer whose states the anchor prior compares (instruction names and prompt tokens alike);
+    # None: intervention.layer. Only where the prior looks, not where the intervention patches.
+    anchor_layer: int | None = None
     # RoPE positions of the selection head's SELF row: "real" counts only real base tokens, so A does
     # not depend on how a batch is padded; "original" counts every SELF entry, pads included, as the
     # original implementation does (identical on a batch without padding).
@@ -388,6 +391,8 @@ class InterventionConfig:
         if self.subspace not in SUBSPACES:
             raise ConfigError(f"intervention.subspace must be one of {SUBSPACES}, got {self.subspace!r}")
         _at_least(self, "layer rank", 0)
+        require(self.anchor_layer is None or self.anchor_layer >= 0,
+                f"intervention.anchor_layer must be >= 0 or null, got {self.anchor_layer!r}")
         _at_least(self, "rank mlp_hidden reflections", 1)
         require(self.reflections == 1 or self.subspace == "reflect",
                 f"intervention.reflections={self.reflections} needs intervention.subspace=reflect, "
@@ -395,6 +400,11 @@ class InterventionConfig:
         _at_least(self, "temperature_start temperature_end", 0, strict=True)
         require(0 <= self.bidding_threshold <= 1,
                 f"intervention.bidding_threshold must be in [0, 1], got {self.bidding_threshold!r}")
+
+    @property
+    def anchor_states_layer(self) -> int:
+        """The layer whose states the anchor prior compares."""
+        return self.layer if self.anchor_layer is None else self.anchor_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,6 +594,8 @@ def check_fits_target(cfg: ExperimentConfig, target: ModelConfig) -> None:
             f"intervention.layer={iv.layer} must be below the target's {target.num_hidden_layers} layers")
     require(iv.layer > 0 or iv.subspace == "none",  # as in the original: at the embeddings only a full patch
             "intervention.layer=0 requires intervention.subspace=none")
+    require(iv.anchor_layer is None or iv.anchor_layer < target.num_hidden_layers,
+            f"intervention.anchor_layer={iv.anchor_layer} must be below the target's {target.num_hidden_layers} layers")
     require(iv.rank <= target.hidden_size,
             f"intervention.rank={iv.rank} exceeds the target's hidden size {target.hidden_size}")
     require(cfg.hypernet.num_layers <= target.num_hidden_layers,

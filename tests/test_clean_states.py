@@ -164,3 +164,7 @@ def test_cached_instruction_states_serve_the_anchor_prior(setup):
     made = make_cache(on, ex, progress=False)
     assert len(made.instructions) == 2 and len(made) == 4  # 2 distinct bases, 2 distinct sources
     assert make_cache(steps, ex, progress=False).instructions is None  # the prior off: nothing extra
+    assert made.instructions.layer == L  # the anchor states' layer: the intervention's by default, else its own
+    other = Steps(steps.model(steps.params), target, tiny(["intervention.anchor_prior=3.0",
+                                                            "intervention.anchor_layer=1"])[0])
+    assert make_cache(other, ex, progress=False).instructions.layer == 1

@@ -61,6 +61,8 @@ def strict_json_lines(path: pathlib.Path) -> list[dict]:
      "intervention.reflections=2 needs intervention.subspace=reflect"),
     ("intervention.rank=65", "intervention.rank=65 exceeds the target's hidden size 64"),
     ("intervention.layer=9", "intervention.layer=9 must be below the target's 2 layers"),
+    ("intervention.anchor_layer=2", "intervention.anchor_layer=2 must be below the target's 2 layers"),
+    ("intervention.anchor_layer=-1", "intervention.anchor_layer must be >= 0 or null"),
 ])
 def test_bad_config_values_are_one_line_errors_and_write_nothing(override, match, tmp_path, capsys):
     run = tmp_path / "run"

@@ -309,9 +309,11 @@ def test_similarity_prior_switch_changes_the_selection_only_when_on(setup):
     np.testing.assert_array_equal(sel[:, -1][batch["base_intervention_mask"] == 0], 1.0)  # masks still exact
 
 
-def test_anchor_prior_adds_the_instructions_entity_similarity_to_the_pair_logits(setup):
+@pytest.mark.parametrize("anchor_layer", [None, 1, 3])
+def test_anchor_prior_adds_the_instructions_entity_similarity_to_the_pair_logits(setup, anchor_layer):
     """intervention.anchor_prior=β: A's columns become softmax(log A + β·prior) over the pair rows, the prior
-    built from the target's own hs[L] of the prompts and of the instruction (the plain forward's states here)."""
+    built from the target's own hs[A] of the prompts and of the instruction (the plain forward's states here),
+    A = intervention.anchor_layer, or the intervention layer L by default."""
     from hyperdas_jax.models.selection import anchor_prior
 
     cfg, target, steps = setup
@@ -321,11 +323,13 @@ def test_anchor_prior_adds_the_instructions_entity_similarity_to_the_pair_logits
     batch["source_anchor_pos"] = (first + 2).astype(np.int32)
     off = np.asarray(steps.evaluate(steps.params, batch, "soft")["selection"], np.float64)
     beta = 3.0
-    on = Steps(steps.model(steps.params), target, tiny([f"intervention.anchor_prior={beta}"])[0])
+    layer = "null" if anchor_layer is None else anchor_layer
+    on = Steps(steps.model(steps.params), target,
+               tiny([f"intervention.anchor_prior={beta}", f"intervention.anchor_layer={layer}"])[0])
     sel = np.asarray(on.evaluate(on.params, on.prepare(batch), "soft")["selection"], np.float64)
 
-    L = cfg.intervention.layer
-    hs = lambda ids, mask: np.asarray(target.hidden_states(ids, mask))[L]  # noqa: E731
+    A = cfg.intervention.layer if anchor_layer is None else anchor_layer
+    hs = lambda ids, mask: np.asarray(target.hidden_states(ids, mask))[A]  # noqa: E731
     prior = np.asarray(anchor_prior(
         hs(batch["base_ids"], batch["base_mask"]), batch["base_intervention_mask"], batch["base_mask"],
         hs(batch["source_ids"], batch["source_mask"]), batch["source_intervention_mask"], batch["source_mask"],

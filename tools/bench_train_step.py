@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     widths = (batch["base_memory_index"].shape[1], batch["source_memory_index"].shape[1])
     iv = cfg.intervention
     cache = CleanStateCache(steps.target_graphdef, steps.target_state,  # as make_cache builds a run's
-                            instruction_layer=iv.layer if iv.anchor_prior else None)
+                            instruction_layer=iv.anchor_states_layer if iv.anchor_prior else None)
     cache.attach(batch)  # filled once, as a run fills it before training
     key = jax.random.key(0)
     compile_s, step_s = bench.time_step(steps, steps.params, batch, lambda x: x, key, args.runs)

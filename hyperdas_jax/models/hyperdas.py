@@ -80,6 +80,7 @@ class ForwardSpec:
     remat: bool = False
     similarity_prior: float = 0.0  # scale of `selection.similarity_prior` added to the pair logits; 0 = off
     anchor_prior: float = 0.0  # scale of `selection.anchor_prior` added to the pair logits; 0 = off
+    anchor_layer: int | None = None  # the states the anchor prior compares: hs[anchor_layer]; None: `layer`
     self_positions: str = "real"  # "real" or "original": see InterventionConfig.self_positions
     pair_positions: str = "rope"  # "rope" or "none": see InterventionConfig.pair_positions
     # Training only (TrainConfig.straight_through): from step `straight_through_from` on, the first
@@ -142,12 +143,13 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     if spec.anchor_prior:
         if "base_anchor_pos" not in batch:
             raise ValueError(MISSING_ANCHORS)
+        A = L if spec.anchor_layer is None else spec.anchor_layer  # the anchor states: hs[A]
         if "editor_layer_states" in batch:  # cached (clean_states.py): the same ops, run once per instruction
             editor_l = jax.lax.stop_gradient(batch["editor_layer_states"].astype(jnp.dtype(target.config.dtype)))
         else:
-            editor_l = jax.lax.stop_gradient(target.residual_stream(batch["editor_ids"], batch["editor_mask"], L))
+            editor_l = jax.lax.stop_gradient(target.residual_stream(batch["editor_ids"], batch["editor_mask"], A))
         priors.append(spec.anchor_prior * anchor_prior(
-            hs_base[L], base_iv, batch["base_mask"], hs_src[L], src_iv, batch["source_mask"], editor_l,
+            hs_base[A], base_iv, batch["base_mask"], hs_src[A], src_iv, batch["source_mask"], editor_l,
             batch["editor_mask"], batch["base_anchor_pos"], batch["source_anchor_pos"]))
     prior = sum(priors[1:], priors[0]) if priors else None
     soft = model.head(z_last, pos_last, unit_normalise(hs_base[L]), base_iv, unit_normalise(hs_src[L]), src_iv,

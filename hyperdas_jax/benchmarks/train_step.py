@@ -122,6 +122,10 @@ def matmul_peak(n: int = 2048, runs: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+INSTRUCTION_PASS = "target instruction pass, anchor prior (fwd)"
+CACHED = ("target clean passes (fwd)", INSTRUCTION_PASS)  # what a step with the clean-state cache skips
+
+
 def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int,
                memory: tuple[int, int] | None = None) -> dict[str, float]:
     """Analytic matmul FLOPs of one train step, by component; `memory`: the tokens the hypernetwork's
@@ -137,6 +141,8 @@ def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int,
 
     out = {}
     out["target clean passes (fwd)"] = layers * (block(b * tb, tb) + block(b * ts, ts))
+    if cfg.intervention.anchor_prior:  # blocks [0, A) over the instruction (cached with the clean states)
+        out[INSTRUCTION_PASS] = cfg.intervention.anchor_states_layer * block(b * te, te)
     out["target blocks [L,n) + head (fwd+bwd)"] = 2 * ((layers - L) * block(b * tb, tb) + 2 * b * window * d * v)
     mem_b, mem_s = ((layers + 1) * w for w in (memory or (tb, ts)))
     hyper = 0

@@ -36,7 +36,8 @@ def test_sweep_table_plot_and_resume(tiny_setup, tmp_path, capsys):
     args = ["--data", str(data), "--config", "configs/smollm2_ravel.yaml", "--target", str(target),
             "--layers", "1", "3", "--steps", "2", "--out", str(out), "--no-progress",
             "--set", "train.batch_size=4", "--set", "eval.batch_size=4", "--set", "hypernet.num_layers=1",
-            "--set", "intervention.rank=4", "--set", "intervention.mlp_hidden=16"]
+            "--set", "intervention.rank=4", "--set", "intervention.mlp_hidden=16",
+            "--set", "intervention.anchor_layer=null"]  # the config's hs[10] is beyond this 4-layer target
     assert sweep_layers.main(args) == 0
     sweep = json.loads((out / "sweep.json").read_text())
     assert list(sweep["layers"]) == ["1", "3"] and sweep["split"] == "validation"

@@ -161,8 +161,8 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
                        bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,
                        remat=cfg.target.remat, similarity_prior=iv.similarity_prior,
-                       anchor_prior=iv.anchor_prior, anchor_layer=iv.anchor_states_layer, self_positions=iv.self_positions,
-                       pair_positions=iv.pair_positions, **hard)
+                       anchor_prior=iv.anchor_prior, anchor_layer=iv.anchor_states_layer,
+                       self_positions=iv.self_positions, pair_positions=iv.pair_positions, **hard)
 
 
 def check_anchors(batch: dict) -> None:

@@ -1,5 +1,6 @@
 """Shared helpers for HyperDAS tests: a tiny random target and synthetic collated batches."""
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -9,6 +10,21 @@ from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.sharding import create_sharded
 
 IGNORE = -100
+
+
+def assert_same_step(grad, ctx, params, target_state, batch, other, metrics=("loss", "pred_loss", "sparsity")):
+    """The jitted loss gradient `grad` (params, target_state, batch, step, rng) on `other` equals that on `batch`: the
+    named metrics, and every gradient leaf to 1e-5 of its largest entry (absolutely, below 1). Returns `batch`'s
+    gradients and metrics."""
+    g0, m0 = grad(params, target_state, batch, 3, jax.random.key(0), ctx=ctx)
+    g1, m1 = grad(params, target_state, other, 3, jax.random.key(0), ctx=ctx)
+    for key in metrics:
+        np.testing.assert_allclose(float(m1[key]), float(m0[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, np.abs(a).max()), rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+    return g0, m0
 
 
 def tiny(overrides=()):

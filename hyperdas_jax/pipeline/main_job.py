@@ -238,7 +238,7 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) ->
         f"- target `{cfg.target.path}` ({cfg.target.dtype}); intervention at hs[{cfg.intervention.layer}], "
         f"{iv.subspace} subspace of rank {iv.rank}" + (f", {iv.reflections} reflections" if reflect else "")
         + (f"; selection logits + {iv.anchor_prior:g} x the instruction-anchor prior" if iv.anchor_prior else "")
-        + (f" at hs[{iv.anchor_layer}]" if iv.anchor_prior and iv.anchor_layer not in (None, iv.layer) else "")
+        + (f" at hs[{iv.anchor_states_layer}]" if iv.anchor_prior and iv.anchor_states_layer != iv.layer else "")
         + (f"; selection logits + {iv.similarity_prior:g} x the similarity prior" if iv.similarity_prior else ""),
         f"- HyperDAS: {cfg.hypernet.num_layers} hypernetwork blocks (init `{cfg.hypernet.init}`), {t.steps} steps "
         f"x batch {t.batch_size}, lr {t.lr:g}, selection-head lr {t.lr if t.head_lr is None else t.head_lr:g}, "

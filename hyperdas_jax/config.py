@@ -306,13 +306,17 @@ class TargetConfig:
 
     path: str | None = None
     random: ModelConfig | None = None
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "float32"  # compute dtype; "auto": chosen for the machine at start-up (hyperdas_jax/compute_dtype.py)
     param_dtype: str | None = None  # storage dtype override (bfloat16 halves a large target's memory)
     remat: bool = False  # recompute the target's blocks [L, n) and the hypernetwork's blocks in the backward pass
 
     def __post_init__(self):
         if (self.path is None) == (self.random is None):
             raise ConfigError("target: give exactly one of target.path (converted checkpoint) or target.random")
+        if self.dtype not in DTYPES + ("auto",):
+            raise ConfigError(f"target.dtype must be one of {DTYPES + ('auto',)}, got {self.dtype!r}")
+        if self.param_dtype not in DTYPES + (None,):
+            raise ConfigError(f"target.param_dtype must be one of {DTYPES} or null, got {self.param_dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,9 +340,10 @@ class HypernetConfig:
         if self.self_attention not in ("causal", "original"):
             raise ConfigError(f"hypernet.self_attention must be 'causal' or 'original', got {self.self_attention!r}")
         _at_least(self, "num_layers", 1)
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"hypernet.{name} must be one of {DTYPES}")
+        if self.param_dtype not in DTYPES:
+            raise ConfigError(f"hypernet.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
+        if self.dtype not in DTYPES + ("auto",):
+            raise ConfigError(f"hypernet.dtype must be one of {DTYPES + ('auto',)}, got {self.dtype!r}")
 
 
 SUBSPACES = ("reflect", "das", "mask", "boundless", "none")

@@ -105,10 +105,9 @@ def plan(cfg, shape, *, batch_size: int | None = None, seq: int = 64, editor_seq
 
     mesh = make_mesh(shape)
     if cfg.target.path is not None:
-        from hyperdas_jax.target import read_model_config
+        from hyperdas_jax.target import read_model_config, target_overrides
 
-        overrides = {"dtype": cfg.target.dtype, **({"param_dtype": cfg.target.param_dtype} if cfg.target.param_dtype else {})}
-        tcfg = read_model_config(cfg.target.path, **overrides)
+        tcfg = read_model_config(cfg.target.path, **target_overrides(cfg))
     else:
         tcfg = target_model_config(cfg)
     target = nnx.merge(*abstract_module(lambda: Llama(tcfg, rngs=nnx.Rngs(0)), mesh))

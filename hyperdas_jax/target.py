@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hyperdas_jax.atomic import atomic_directory
+from hyperdas_jax.compute_dtype import resolve as resolve_dtype
 from hyperdas_jax.config import ConfigError, ModelConfig, from_dict, to_dict
 from hyperdas_jax.models.llama import Llama
 from hyperdas_jax.sharding import abstract_module, create_sharded
@@ -154,7 +155,14 @@ def restore_model(path: str | pathlib.Path, *, mesh=None, **overrides) -> Llama:
 def target_model_config(cfg):
     """The random target's ModelConfig with the run's dtype overrides applied (an ExperimentConfig's)."""
     t = cfg.target
-    return dataclasses.replace(t.random, dtype=t.dtype, param_dtype=t.param_dtype or t.random.param_dtype)
+    return dataclasses.replace(t.random, dtype=resolve_dtype(t.dtype),
+                               param_dtype=t.param_dtype or t.random.param_dtype)
+
+
+def target_overrides(cfg) -> dict:
+    """The ModelConfig fields an ExperimentConfig's `target` overrides in a converted target's config."""
+    t = cfg.target
+    return {"dtype": resolve_dtype(t.dtype), **({"param_dtype": t.param_dtype} if t.param_dtype else {})}
 
 
 def build_target(cfg, mesh) -> Llama:
@@ -162,8 +170,7 @@ def build_target(cfg, mesh) -> Llama:
     random (seeded by train.seed)."""
     t = cfg.target
     if t.path is not None:
-        overrides = {"dtype": t.dtype, **({"param_dtype": t.param_dtype} if t.param_dtype else {})}
-        return restore_model(t.path, mesh=mesh, **overrides)
+        return restore_model(t.path, mesh=mesh, **target_overrides(cfg))
     mcfg = target_model_config(cfg)
     return create_sharded(lambda: Llama(mcfg, rngs=nnx.Rngs(cfg.train.seed)), mesh)
 

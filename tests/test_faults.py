@@ -63,6 +63,10 @@ def strict_json_lines(path: pathlib.Path) -> list[dict]:
     ("intervention.layer=9", "intervention.layer=9 must be below the target's 2 layers"),
     ("intervention.anchor_layer=2", "intervention.anchor_layer=2 must be below the target's 2 layers"),
     ("intervention.anchor_layer=-1", "intervention.anchor_layer must be >= 0 or null"),
+    ("target.dtype=bf16", "target.dtype must be one of ('float32', 'bfloat16', 'float16', 'auto'), got 'bf16'"),
+    ("target.param_dtype=auto", "target.param_dtype must be one of ('float32', 'bfloat16', 'float16') or null"),
+    ("hypernet.dtype=half", "hypernet.dtype must be one of ('float32', 'bfloat16', 'float16', 'auto')"),
+    ("hypernet.param_dtype=auto", "hypernet.param_dtype must be one of ('float32', 'bfloat16', 'float16')"),
 ])
 def test_bad_config_values_are_one_line_errors_and_write_nothing(override, match, tmp_path, capsys):
     run = tmp_path / "run"

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     import jax
 
     from hyperdas_jax.clean_states import CleanStateCache
+    from hyperdas_jax.compute_dtype import describe
     from hyperdas_jax.config import load_config
     from hyperdas_jax.models.hyperdas import build_hyperdas
     from hyperdas_jax.pipeline.main_job import ensure_smollm2
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
           f"jax {jax.__version__}; config {args.config} {' '.join(args.set)}")
     print(f"batch {b}, editor/base/source tokens {te}/{tb}/{ts} (memories of {widths[0]}/{widths[1]} visible), "
           f"N={cfg.hypernet.num_layers}, L={L}, "
-          f"k={cfg.intervention.rank}, dtype {cfg.target.dtype}; first step (compile) {compile_s:.1f}s\n")
+          f"k={cfg.intervention.rank}, dtype {describe(cfg.target.dtype)}; first step (compile) {compile_s:.1f}s\n")
     print("| component | GFLOP/step |\n|---|---:|")
     print("\n".join(f"| {name} | {value / 1e9:.2f} |" for name, value in flops.items()))
     print(f"| **total** | **{total / 1e9:.2f}** |\n")

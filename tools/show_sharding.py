@@ -62,10 +62,9 @@ def main(argv=None) -> int:
         print(f"error: {e} (set JAX_NUM_CPU_DEVICES)", file=sys.stderr)
         return 1
     if cfg.target.path is not None:
-        from hyperdas_jax.target import read_model_config
+        from hyperdas_jax.target import read_model_config, target_overrides
 
-        tcfg = read_model_config(cfg.target.path, dtype=cfg.target.dtype,
-                                 **({"param_dtype": cfg.target.param_dtype} if cfg.target.param_dtype else {}))
+        tcfg = read_model_config(cfg.target.path, **target_overrides(cfg))
     else:
         tcfg = target_model_config(cfg)
     print(f"mesh: {dict(mesh.shape)}")

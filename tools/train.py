@@ -56,6 +56,7 @@ def main(argv=None) -> int:
 
     import jax
 
+    from hyperdas_jax.compute_dtype import describe
     from hyperdas_jax.loop import Branch, NonFiniteError, train
     from hyperdas_jax.sharding import mesh_from_config
 
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         print(f"mesh: {dict(mesh.shape)} over {mesh.size} of {jax.device_count()} {jax.devices()[0].platform} "
               f"devices, {jax.process_count()} process(es)")
+        print(f"compute dtype: target {describe(cfg.target.dtype)}, hypernetwork {describe(cfg.hypernet.dtype)}")
     try:
         branch = None if args.branch_from is None else Branch(args.branch_from, args.branch_step)
         result = train(cfg, args.run, resume=args.resume, branch=branch, mesh=mesh, progress=not args.no_progress)

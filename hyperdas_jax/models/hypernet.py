@@ -37,10 +37,12 @@ class Memory(NamedTuple):
 
 
 def editor_config(target: ModelConfig, hyper: HypernetConfig) -> ModelConfig:
-    """The target's architecture with the hypernetwork's dtypes."""
+    """The target's architecture with the hypernetwork's dtypes (`auto` resolved for this machine)."""
     import dataclasses
 
-    return dataclasses.replace(target, param_dtype=hyper.param_dtype, dtype=hyper.dtype)
+    from hyperdas_jax.compute_dtype import resolve
+
+    return dataclasses.replace(target, param_dtype=hyper.param_dtype, dtype=resolve(hyper.dtype))
 
 
 def unit_normalise(x: jax.Array) -> jax.Array:

@@ -221,6 +221,8 @@ def comparisons(hyperdas: dict, mdas: dict, rows: list) -> list[str]:
 def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) -> list[str]:
     """The report's record of what was trained (`step`: the HyperDAS checkpoint scored; `averaged`: how
     many steps' weights its mean holds, 0 when the weights were scored as trained)."""
+    from hyperdas_jax.compute_dtype import describe
+
     t, m, iv = cfg.train, mdas_cfg.train, cfg.intervention
     reflect = iv.subspace == "reflect"
     sp, st, wa = t.sparsity, t.straight_through, t.weight_average
@@ -235,7 +237,9 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) ->
     if sp.enabled and sp.form != "mass":
         sparsity += f" ({sp.form} form)"
     return [
-        f"- target `{cfg.target.path}` ({cfg.target.dtype}); intervention at hs[{cfg.intervention.layer}], "
+        f"- target `{cfg.target.path}` (compute {describe(cfg.target.dtype)}"
+        + (f", hypernetwork {describe(cfg.hypernet.dtype)}" if cfg.hypernet.dtype != cfg.target.dtype else "")
+        + f"); intervention at hs[{cfg.intervention.layer}], "
         f"{iv.subspace} subspace of rank {iv.rank}" + (f", {iv.reflections} reflections" if reflect else "")
         + (f"; selection logits + {iv.anchor_prior:g} x the instruction-anchor prior" if iv.anchor_prior else "")
         + (f" at hs[{iv.anchor_states_layer}]" if iv.anchor_prior and iv.anchor_states_layer != iv.layer else "")

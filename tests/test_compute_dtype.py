@@ -51,3 +51,14 @@ def test_auto_reaches_the_target_and_the_hypernetwork(speedup, measured, want):
     assert model.hypernet.layers[0].mlp.up_proj.dtype == want
     # master weights stay float32 whatever the compute dtype
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+
+
+def test_auto_may_first_be_asked_inside_a_trace():
+    """Modules are often built under jax.eval_shape (abstract_module): the measurement must still run for real."""
+    compute_dtype._auto.cache_clear()
+    seen = []
+    try:
+        jax.eval_shape(lambda x: seen.append(compute_dtype.describe("auto")) or x, jnp.ones(2))
+    finally:
+        compute_dtype._auto.cache_clear()
+    assert seen[0].split(" (")[0] in ("float32", "bfloat16") and "x float32 on this CPU" in seen[0]

@@ -9,7 +9,7 @@ only the hypernetwork and blocks [L, n) of the target.
 
 When the rows are known up front (`make_cache`), every distinct prompt is computed before training
 in one fixed order, so a resumed run reads exactly the states an uninterrupted one reads.
-States are stored unpadded (the prompt's real tokens only, float32, on the host) and left-padded
+States are stored unpadded (the prompt's real tokens only, in the target's compute dtype, on the host) and left-padded
 with zeros into each batch. A real token's state does not depend on padding (positions count real
 tokens, pads are masked keys), and the model never reads a pad position's state (masked in the
 memories, the selection and the upper blocks' attention), so the cached step computes the same
@@ -31,13 +31,14 @@ import time
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from hyperdas_jax.sharding import use_mesh
 
-# Batch keys the step reads instead of running the clean passes: (b, n+1, t, d) float32, or with a
-# `layer` cache (b, t, d) float32.
+# Batch keys the step reads instead of running the clean passes: (b, n+1, t, d), or with a `layer` cache
+# (b, t, d), in the target's compute dtype.
 STATE_KEYS = {"base_ids": "base_states", "source_ids": "source_states"}
 LAYER_STATE_KEYS = {"base_ids": "base_layer_states", "source_ids": "source_layer_states"}
 INSTRUCTION_STATE_KEYS = {"editor_ids": "editor_layer_states"}
@@ -52,10 +53,10 @@ def distinct_prompts(examples: Iterable[Any]) -> list[tuple[int, ...]]:
     return sorted(prompts, key=lambda p: (len(p), p))
 
 
-def estimate_bytes(examples: Iterable[Any], num_states: int, hidden_size: int) -> int:
-    """Host bytes of the cache for encoded examples: every distinct prompt's float32 states
-    (`num_states` per token: n+1, or 1 for a `layer` cache)."""
-    return sum(len(p) for p in distinct_prompts(examples)) * num_states * hidden_size * 4
+def estimate_bytes(examples: Iterable[Any], num_states: int, hidden_size: int, itemsize: int = 4) -> int:
+    """Host bytes of the cache for encoded examples: every distinct prompt's states (`num_states` per
+    token: n+1, or 1 for a `layer` cache; `itemsize` bytes each: the target's compute dtype)."""
+    return sum(len(p) for p in distinct_prompts(examples)) * num_states * hidden_size * itemsize
 
 
 class CleanStateCache:
@@ -111,7 +112,7 @@ class CleanStateCache:
             computed = np.asarray(self._fn(self._target_state, ids, mask))  # (n+1, b, t, d)
         t = ids.shape[1]
         for i in missing.values():
-            entry = np.ascontiguousarray(computed[:, i, t - int((mask[i] > 0).sum()):], np.float32)
+            entry = np.ascontiguousarray(computed[:, i, t - int((mask[i] > 0).sum()):])
             self.misses += 1
             fresh[keys[i]] = entry
             if self.limit_bytes is None or self.nbytes + entry.nbytes <= self.limit_bytes:
@@ -120,7 +121,7 @@ class CleanStateCache:
         return fresh
 
     def _states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """(b, n+1, t, d) float32 states of a left-padded id array, zeros at pads; (b, t, d) with `layer`."""
+        """(b, n+1, t, d) states of a left-padded id array, zeros at pads; (b, t, d) with `layer`."""
         ids, mask = np.asarray(ids), np.asarray(mask)
         keys = [row[m > 0].astype(np.int32).tobytes() for row, m in zip(ids, mask)]
         fresh = self._store_missing(ids, mask, keys)
@@ -132,7 +133,7 @@ class CleanStateCache:
             if entry is None:
                 entry = self._store[key]
             if out is None:
-                out = np.zeros((b, entry.shape[0], t, entry.shape[-1]), np.float32)
+                out = np.zeros((b, entry.shape[0], t, entry.shape[-1]), entry.dtype)
             out[i, :, t - entry.shape[1]:] = entry
         return out if self.layer is None else out[:, 0]
 
@@ -200,10 +201,11 @@ def make_cache(steps, examples: Iterable[Any] | None, *, what: str = "training",
                                instruction_layer=instruction_layer)
     cfg = nnx.merge(steps.target_graphdef, steps.target_state).config
     examples = list(examples)
-    need = estimate_bytes(examples, cfg.num_hidden_layers + 1 if layer is None else 1, cfg.hidden_size)
+    itemsize = np.dtype(jnp.dtype(cfg.dtype)).itemsize  # states are kept in the target's compute dtype
+    need = estimate_bytes(examples, cfg.num_hidden_layers + 1 if layer is None else 1, cfg.hidden_size, itemsize)
     instructions = sorted({e.editor_ids for e in examples}, key=lambda p: (len(p), p)) \
         if instruction_layer is not None else []
-    need += sum(len(p) for p in instructions) * cfg.hidden_size * 4
+    need += sum(len(p) for p in instructions) * cfg.hidden_size * itemsize
     on = t.state_cache == "always" or need <= limit
     print(f"clean-state cache for {what}: {need / 2**30:.2f} GiB estimated (limit {t.state_cache_gb:g} GiB): "
           f"{'on' if on else 'off, the step recomputes the clean passes'}", file=sys.stderr)

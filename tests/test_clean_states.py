@@ -108,6 +108,7 @@ def test_make_cache_follows_the_config(setup, capsys):
           EncodedExample((1, 5), (1, 5, 6, 7), 3, 1, 1, (1, 9, 9), 0, 1, False, 1)]
     n, d = target.config.num_hidden_layers + 1, target.config.hidden_size
     assert estimate_bytes(ex, n, d) == (4 + 2 + 3) * n * d * 4  # the repeated base prompt counts once
+    assert estimate_bytes(ex, n, d, itemsize=2) == (4 + 2 + 3) * n * d * 2  # a bfloat16 target's states
     assert make_cache(steps, ex) is not None and "on" in capsys.readouterr().err
     for overrides, expected in ((["train.state_cache=never"], None), (["train.state_cache_gb=0"], None)):
         s = Steps(steps.model(steps.params), target, tiny(overrides)[0])
@@ -154,3 +155,27 @@ def test_cached_instruction_states_serve_the_anchor_prior(setup):
     other = Steps(steps.model(steps.params), target, tiny(["intervention.anchor_prior=3.0",
                                                             "intervention.anchor_layer=1"])[0])
     assert make_cache(other, ex, progress=False).instructions.layer == 1
+
+
+def test_a_bfloat16_target_keeps_its_states_in_bfloat16_at_half_the_bytes(setup):
+    import dataclasses
+
+    import ml_dtypes
+    from flax import nnx
+
+    from hyperdas_jax.models.llama import Llama
+    from hyperdas_jax.sharding import create_sharded
+
+    cfg, target, steps = setup
+    bf_target = create_sharded(lambda: Llama(dataclasses.replace(cfg.target.random, dtype="bfloat16"),
+                                             rngs=nnx.Rngs(1)))
+    bf_graphdef, bf_state = nnx.split(bf_target)
+    batch = make_batch(np.random.default_rng(4))
+    f32_cache, bf_cache = _cache(steps), CleanStateCache(bf_graphdef, bf_state)
+    want, got = f32_cache.attach(batch)["base_states"], bf_cache.attach(batch)["base_states"]
+    assert want.dtype == np.float32 and got.dtype == ml_dtypes.bfloat16
+    assert bf_cache.nbytes * 2 == f32_cache.nbytes
+    real = batch["base_mask"] > 0
+    got, want = np.moveaxis(got.astype(np.float32), 1, 0), np.moveaxis(want, 1, 0)  # (n+1, b, t, d)
+    assert (got[:, ~real] == 0).all()
+    np.testing.assert_allclose(got[:, real], want[:, real], atol=0.05 * np.abs(want).max(), rtol=0)

@@ -111,3 +111,31 @@ def test_report_settings_name_what_was_trained(tmp_path, overrides, averaged, ex
     for text in absent:
         assert text not in hyperdas_lines
     assert "scored: step 450" in hyperdas_lines
+
+
+def test_main_job_gives_mdas_a_target_in_its_configs_dtype(tmp_path, monkeypatch, smollm2_target_dir):
+    """MDAS trains on the target its config describes (a bfloat16 config once got a float32 target)."""
+    import hyperdas_jax.data.ravel_store as store
+    import hyperdas_jax.mdas as mdas
+    from hyperdas_jax.pipeline import main_job as job
+
+    class Reached(Exception):
+        pass
+
+    def train_mdas(model, cfg, rows, tokenizer, **kw):
+        seen.update(model=model.config.dtype, config=cfg.target.dtype)
+        raise Reached
+
+    seen = {}
+    real_experiment = job.experiment
+    monkeypatch.setattr(job, "experiment", lambda data, target, overrides: real_experiment(
+        data, target, [*overrides, "target.dtype=bfloat16"]))
+    monkeypatch.setattr(job, "ensure_data", lambda *a: False)  # no data build: the stages before MDAS are stubs
+    monkeypatch.setattr(job, "train_hyperdas", lambda cfg, run: (None, False))
+    monkeypatch.setattr(job, "evaluate_method", lambda *a, **k: {})
+    monkeypatch.setattr(store, "load_rows", lambda path: iter(()))
+    monkeypatch.setattr(mdas, "train_mdas", train_mdas)
+    with pytest.raises(Reached):
+        job.run(quick=True, target=str(smollm2_target_dir), reports=str(tmp_path / "reports"),
+                data=str(tmp_path / "data"))
+    assert seen == {"model": "bfloat16", "config": "bfloat16"}

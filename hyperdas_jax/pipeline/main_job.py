@@ -237,9 +237,9 @@ def settings_lines(cfg, mdas_cfg, step: int | None = None, averaged: int = 0) ->
     if sp.enabled and sp.form != "mass":
         sparsity += f" ({sp.form} form)"
     return [
-        f"- target `{cfg.target.path}` (compute {describe(cfg.target.dtype)}"
+        f"- target `{cfg.target.path}`, compute dtype {describe(cfg.target.dtype)}"
         + (f", hypernetwork {describe(cfg.hypernet.dtype)}" if cfg.hypernet.dtype != cfg.target.dtype else "")
-        + f"); intervention at hs[{cfg.intervention.layer}], "
+        + f"; intervention at hs[{cfg.intervention.layer}], "
         f"{iv.subspace} subspace of rank {iv.rank}" + (f", {iv.reflections} reflections" if reflect else "")
         + (f"; selection logits + {iv.anchor_prior:g} x the instruction-anchor prior" if iv.anchor_prior else "")
         + (f" at hs[{iv.anchor_states_layer}]" if iv.anchor_prior and iv.anchor_states_layer != iv.layer else "")
@@ -327,7 +327,7 @@ def run(*, quick: bool = False, name: str | None = None, target: str = "checkpoi
     from hyperdas_jax.config import to_dict
     from hyperdas_jax.data.ravel_store import load_rows
     from hyperdas_jax.mdas import TRAIN_OVERRIDES as MDAS_OVERRIDES, row_task_ids, train_mdas
-    from hyperdas_jax.target import load_target
+    from hyperdas_jax.target import load_target, target_overrides
 
     target_dir = pathlib.Path(target)
     data = pathlib.Path(data) / f"smollm2_city_{kind}"
@@ -341,7 +341,7 @@ def run(*, quick: bool = False, name: str | None = None, target: str = "checkpoi
     lap("build RAVEL city", ensure_data(target_dir, data, preset))
     method, ran = train_hyperdas(cfg, run / "hyperdas")
     lap("train HyperDAS", ran)
-    target = load_target(target_dir)
+    target = load_target(target_dir, **target_overrides(mdas_cfg))  # MDAS's target, in its config's dtype
     test_rows = list(load_rows(data / "test"))
     if preset["eval_limit"]:
         test_rows = test_rows[: preset["eval_limit"]]

@@ -9,8 +9,8 @@ only the hypernetwork and blocks [L, n) of the target.
 
 When the rows are known up front (`make_cache`), every distinct prompt is computed before training
 in one fixed order, so a resumed run reads exactly the states an uninterrupted one reads.
-States are stored unpadded (the prompt's real tokens only, in the target's compute dtype, on the host) and left-padded
-with zeros into each batch. A real token's state does not depend on padding (positions count real
+States are stored unpadded (the prompt's real tokens only, in the target's compute dtype, on the host)
+and left-padded with zeros into each batch. A real token's state does not depend on padding (positions count real
 tokens, pads are masked keys), and the model never reads a pad position's state (masked in the
 memories, the selection and the upper blocks' attention), so the cached step computes the same
 loss and gradients as the uncached one (tests/test_clean_states.py).

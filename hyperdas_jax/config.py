@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = DTYPES + ("auto",)  # an experiment's compute dtypes; "auto": hyperdas_jax/compute_dtype.py
 
 
 class ConfigError(ValueError):
@@ -313,8 +314,8 @@ class TargetConfig:
     def __post_init__(self):
         if (self.path is None) == (self.random is None):
             raise ConfigError("target: give exactly one of target.path (converted checkpoint) or target.random")
-        if self.dtype not in DTYPES + ("auto",):
-            raise ConfigError(f"target.dtype must be one of {DTYPES + ('auto',)}, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"target.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if self.param_dtype not in DTYPES + (None,):
             raise ConfigError(f"target.param_dtype must be one of {DTYPES} or null, got {self.param_dtype!r}")
 
@@ -342,8 +343,8 @@ class HypernetConfig:
         _at_least(self, "num_layers", 1)
         if self.param_dtype not in DTYPES:
             raise ConfigError(f"hypernet.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
-        if self.dtype not in DTYPES + ("auto",):
-            raise ConfigError(f"hypernet.dtype must be one of {DTYPES + ('auto',)}, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"hypernet.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
 
 
 SUBSPACES = ("reflect", "das", "mask", "boundless", "none")

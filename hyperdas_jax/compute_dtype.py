@@ -3,9 +3,9 @@
 On GPUs and TPUs `auto` is bfloat16 (float32 accumulation in every matrix product, float32 master
 weights). On a CPU it is bfloat16 only where this CPU multiplies bfloat16 matrices at least
 `MIN_SPEEDUP` times faster than float32 ones (the AVX-512 BF16 kind does, about 2x; others may take
-a path no faster than float32's), measured once per process on a product of the hypernetwork's
-shape; float32 otherwise. A CPU job of several processes uses float32, so every process builds the
-same program. Storage dtypes (`param_dtype`) never change.
+a path no faster than float32's), measured once per process on one product of a fixed shape
+(512 x 576 x 1536, SmolLM2's MLP); float32 otherwise. A CPU job of several processes uses float32, so
+every process builds the same program. Storage dtypes (`param_dtype`) never change.
 """
 
 from __future__ import annotations

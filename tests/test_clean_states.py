@@ -38,7 +38,7 @@ def test_cached_step_gives_the_same_loss_and_gradients(setup):
     ctx = StepContext(steps.graphdef, steps.target_graphdef, spec_from_config(cfg, window=window), cfg.train)
     grad = jax.jit(jax.grad(loss_fn, has_aux=True), static_argnames="ctx")
     _, m0 = assert_same_step(grad, ctx, steps.params, steps.target_state, batch, _cache(steps).attach(batch),
-                          ("loss", "pred_loss", "sparsity", "accuracy"))
+                             ("loss", "pred_loss", "sparsity", "accuracy"))
     assert float(m0["loss"]) > 0.1
     # Evaluation too: the same logits and selection.
     plain, cached = steps.evaluate(steps.params, batch), steps.evaluate(steps.params, _cache(steps).attach(batch))

@@ -460,7 +460,7 @@ def test_memories_of_the_visible_tokens_only_give_the_same_step(setup):
     ctx = StepContext(steps.graphdef, steps.target_graphdef, spec_from_config(cfg, window=window), cfg.train)
     grad = jax.jit(jax.grad(loss_fn, has_aux=True), static_argnames="ctx")
     g0, m0 = assert_same_step(grad, ctx, steps.params, steps.target_state, batch, compact,
-                          ("loss", "pred_loss", "sparsity", "accuracy"))
+                              ("loss", "pred_loss", "sparsity", "accuracy"))
     assert float(m0["loss"]) > 0.1
     full, short = steps.evaluate(steps.params, batch), steps.evaluate(steps.params, compact)
     np.testing.assert_allclose(np.asarray(short["logits"]), np.asarray(full["logits"]), atol=1e-4, rtol=0)

@@ -16,6 +16,8 @@ import gc
 import json
 import logging
 import pathlib
+import re
+import shutil
 import sys
 from typing import Any
 
@@ -40,7 +42,19 @@ class _QuietByDesign(logging.Filter):
         return not any(text in message for text in self.EXPECTED)
 
 
+class _OneLineSaveErrors(logging.Filter):
+    """Orbax logs a failed background write once per thread involved, each with a traceback; the
+    failure reaches the caller as one CheckpointError (RunCheckpoints.save / wait), so its log records
+    keep their message and lose the traceback."""
+
+    def filter(self, record):
+        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 logging.getLogger("absl").addFilter(_QuietByDesign())
+logging.getLogger("absl").addFilter(_OneLineSaveErrors())
 
 
 class CheckpointError(RuntimeError):
@@ -118,6 +132,13 @@ def _first_line(error: Exception, limit: int = 160) -> str:
     return line.split(" [source locations=")[0].split("; spec=")[0].split(" spec=")[0][:limit]
 
 
+def _write_reason(error: Exception) -> str:
+    """Why a write failed: the operating system's words where TensorStore quotes them ("No space left
+    on device [os_error_code='28']" ends its message), the error's first line otherwise."""
+    found = re.search(r"([^:]+) \[os_error_code='?(\d+)'?\]", str(error))
+    return f"{found.group(1).strip()} (errno {found.group(2)})" if found else _first_line(error)
+
+
 def _abandoned_read(unraisable) -> bool:
     """An unraisable error of a read that a failed Orbax restore abandoned: its coroutine, or its
     callback finding the restore's event loop closed."""
@@ -169,6 +190,8 @@ class RunCheckpoints:
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler(), "average": ocp.StandardCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        self._writing: int | None = None  # the step of the save in flight (asynchronous saves)
+        self._failed = False
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -222,7 +245,12 @@ class RunCheckpoints:
         if step in self.manager.all_steps():
             return
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        try:  # Orbax first waits for the previous save, whose failure surfaces here
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types; the reason is what matters
+            failed = self._writing if self._writing is not None and self._writing not in self.all_steps() else step
+            raise self._write_failed(failed, e) from None
+        self._writing = step
 
     def read_meta(self, step: int) -> dict:
         where = self.directory / str(step)
@@ -316,10 +344,30 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_failed(self._writing, e) from None
+
+    def _write_failed(self, step: int | None, error: Exception) -> CheckpointError:
+        """A save that could not be written (a full disk, a quota, permissions): its incomplete files are
+        removed, the complete checkpoints stay, and the error says how to go on."""
+        self._failed = True
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        done = self.all_steps()
+        kept = (f"the complete checkpoints ({', '.join(map(str, done))}) are intact; after freeing space "
+                "continue with --resume latest (tools.train) or rerun the main job" if done else "no complete checkpoint exists yet")
+        return CheckpointError(f"{self.directory}: could not write the checkpoint of step {step}: "
+                               f"{_write_reason(error)}; its partial files were removed, {kept}")
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - the failed save was already reported by save() / wait()
+            if not self._failed:
+                raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -217,3 +217,42 @@ def test_abandoned_reads_are_quiet_while_a_restore_fails_and_after(monkeypatch):
             raise OSError("damaged")
     sys.unraisablehook(closed)  # after it
     assert seen == [other]
+
+
+WRITE_FAILS = """
+import resource, signal, sys
+import numpy as np
+from hyperdas_jax.checkpoint import CheckpointError, RunCheckpoints
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write then fails with EFBIG, as a full disk fails
+ckpt = RunCheckpoints(sys.argv[1], keep=2)
+small = {"w": np.ones((8, 8), np.float32)}
+ckpt.save(1, small, small, {"x": 1})
+ckpt.wait()
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+large = {"w": np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)}  # 256 KiB, incompressible
+try:
+    ckpt.save(2, large, small, {"x": 2})
+    ckpt.wait() if sys.argv[2] == "wait" else ckpt.save(3, large, small, {"x": 3})
+finally:
+    ckpt.close()
+"""
+
+
+@pytest.mark.parametrize("surfaces_in", ["wait", "save"])
+def test_a_failed_write_is_one_clear_error_and_leaves_no_partial_step(tmp_path, surfaces_in):
+    # The write fails in Orbax's background thread; the failure reaches the caller at the next wait()
+    # or save() as one CheckpointError naming the step and the operating system's reason.
+    import subprocess
+
+    run = tmp_path / "checkpoints"
+    done = subprocess.run([sys.executable, "-c", WRITE_FAILS, str(run), surfaces_in], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("hyperdas_jax.checkpoint.CheckpointError: ") and "step 2: File too large (errno 27)" in last
+    assert "complete checkpoints (1) are intact" in last and "--resume latest" in last
+    assert done.stderr.count("Traceback") == 1  # ours; Orbax's log records keep one line each
+    assert sorted(p.name for p in run.iterdir()) == ["1"]  # the partial step 2 is gone, step 1 untouched
+    ckpt = RunCheckpoints(run, read_only=True)
+    assert ckpt.all_steps() == [1] and ckpt.read_meta(1)["x"] == 1
+    ckpt.close()

@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="data", help="folder for the generated RAVEL data")
     args = parser.parse_args(argv)
 
+    from hyperdas_jax.checkpoint import CheckpointError
     from hyperdas_jax.convert.errors import ConversionError
     from hyperdas_jax.data.ravel_raw import RavelError
     from hyperdas_jax.pipeline.main_job import JobStopped, run
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
 
     try:
         path = run(quick=args.quick, name=args.run, target=args.target, reports=args.reports, data=args.data)
-    except (ConversionError, RavelError, TargetError, JobStopped) as e:
+    except (CheckpointError, ConversionError, RavelError, TargetError, JobStopped) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     print(path.read_text())

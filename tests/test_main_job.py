@@ -103,7 +103,8 @@ def test_report_settings_name_what_was_trained(tmp_path, overrides, averaged, ex
     from hyperdas_jax.pipeline import main_job as job
 
     data = tmp_path / "data"
-    cfg = job.experiment(data, tmp_path / "target", [*job.PRESETS["full"]["hyperdas"], *overrides])
+    # 500 steps, whatever the preset says: the expected step numbers below are fractions of it.
+    cfg = job.experiment(data, tmp_path / "target", [*job.PRESETS["full"]["hyperdas"], "train.steps=500", *overrides])
     mdas_cfg = job.experiment(data, tmp_path / "target", [*TRAIN_OVERRIDES, *job.PRESETS["full"]["mdas"]])
     hyperdas_lines = "\n".join(job.settings_lines(cfg, mdas_cfg, step=450, averaged=averaged)[:2])
     for text in expected:

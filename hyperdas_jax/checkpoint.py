@@ -353,14 +353,16 @@ class RunCheckpoints:
         """A save that could not be written (a full disk, a quota, permissions): its incomplete files are
         removed, the complete checkpoints stay, and the error says how to go on."""
         self._failed = True
-        if jax.process_index() == 0:
+        if step is not None and jax.process_index() == 0:
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
         done = self.all_steps()
-        kept = (f"the complete checkpoints ({', '.join(map(str, done))}) are intact; after freeing space "
-                "continue with --resume latest (tools.train) or rerun the main job" if done else "no complete checkpoint exists yet")
-        return CheckpointError(f"{self.directory}: could not write the checkpoint of step {step}: "
-                               f"{_write_reason(error)}; its partial files were removed, {kept}")
+        kept = "no complete checkpoint exists yet" if not done else (
+            f"the complete checkpoints ({', '.join(map(str, done))}) are intact; after freeing space continue with "
+            "--resume latest (tools.train) or rerun the main job")
+        which = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+        return CheckpointError(f"{self.directory}: could not write {which}: {_write_reason(error)}; its partial files "
+                               f"were removed, {kept}")
 
     def close(self) -> None:
         try:

@@ -222,7 +222,7 @@ def test_abandoned_reads_are_quiet_while_a_restore_fails_and_after(monkeypatch):
 WRITE_FAILS = """
 import resource, signal, sys
 import numpy as np
-from hyperdas_jax.checkpoint import CheckpointError, RunCheckpoints
+from hyperdas_jax.checkpoint import RunCheckpoints
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write then fails with EFBIG, as a full disk fails
 ckpt = RunCheckpoints(sys.argv[1], keep=2)
 small = {"w": np.ones((8, 8), np.float32)}

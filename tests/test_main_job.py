@@ -140,3 +140,35 @@ def test_main_job_gives_mdas_a_target_in_its_configs_dtype(tmp_path, monkeypatch
         job.run(quick=True, target=str(smollm2_target_dir), reports=str(tmp_path / "reports"),
                 data=str(tmp_path / "data"))
     assert seen == {"model": "bfloat16", "config": "bfloat16"}
+
+
+def test_main_job_screens_the_data_in_the_dtype_it_trains_in(tmp_path, monkeypatch, capsys):
+    """Data screened by a float32 target is rebuilt for a bfloat16 run (whose target answers some base prompts
+    differently), reused for a float32 one; a report from before the dtype was recorded counts as float32."""
+    from hyperdas_jax.data import build as build_module
+    from hyperdas_jax.pipeline import main_job as job
+
+    preset = job.PRESETS["quick"]
+    built = []
+
+    def build(options):
+        built.append(options)
+        (out / "report.json").write_text(json.dumps(
+            {"attributes": options.attributes, "isolate_attributes": options.isolate_attributes,
+             "n_train": options.n_train, "n_test": options.n_test,
+             "screen": {"n_entities": options.screen_entities}, "dtype": options.dtype}))
+
+    monkeypatch.setattr(build_module, "build", build)
+    out = tmp_path / "data"
+    out.mkdir()
+    assert job.ensure_data(tmp_path / "target", out, preset, "float32") is True
+    assert [o.dtype for o in built] == ["float32"] and not built[0].overwrite
+    stored = json.loads((out / "report.json").read_text())
+    del stored["dtype"]  # a report written before the build recorded its dtype
+    (out / "report.json").write_text(json.dumps(stored))
+    assert job.ensure_data(tmp_path / "target", out, preset, "float32") is False
+    assert job.ensure_data(tmp_path / "target", out, preset, "bfloat16") is True
+    assert [o.dtype for o in built] == ["float32", "bfloat16"] and built[1].overwrite
+    assert job.ensure_data(tmp_path / "target", out, preset, "bfloat16") is False
+    assert len(built) == 2
+    assert "was built with other settings; rebuilding it" in capsys.readouterr().out

@@ -484,16 +484,24 @@ def test_no_intervention_scores_cause_0_and_isolate_100_on_strict_rows(smol, sam
 
 
 @pytest.mark.slow
-def test_prepare_ravel_end_to_end_on_smollm2(smollm2_target_dir, ravel_tgz, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prepare_ravel_end_to_end_on_smollm2(dtype, smollm2_target_dir, ravel_tgz, tmp_path, capsys, monkeypatch):
+    from hyperdas_jax.data import target_predict
     from tools import prepare_ravel
 
+    answered_in = []  # the compute dtype of the target that screens and filters
+    real_predict_fn = target_predict.make_predict_fn
+    monkeypatch.setattr(target_predict, "make_predict_fn",
+                        lambda target: answered_in.append(target.model.config.dtype) or real_predict_fn(target))
     out = tmp_path / "smol_city"
     argv = ["--ravel", str(ravel_tgz), "--target", str(smollm2_target_dir), "--domains", "city",
             "--attributes", "Country", "--n-train", "10", "--n-test", "6", "--validation-fraction", "0.2",
-            "--batch-size", "8", "--quiet", "--out", str(out)]
+            "--batch-size", "8", "--quiet", "--out", str(out)] + (["--dtype", dtype] if dtype != "float32" else [])
     assert prepare_ravel.main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
+    assert answered_in == [dtype] and report["dtype"] == dtype
+    assert f"the target answered in {dtype}" in (out / "report.md").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "test", "train", "validation"]
     assert [report["splits"][s]["generated"] for s in ("train", "validation", "test")] == [8, 2, 6]
     for split in ("train", "validation", "test"):

@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     parser.add_argument("--screen-templates", type=int, default=2,
                         help="train templates each screened entity must answer right")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per filter forward pass")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                        help="the target's compute dtype for the screen and the filter: the one that will train "
+                             "and score on the rows (a config's target.dtype), so every kept base prompt is "
+                             "answered right by it (default: float32)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", required=True, help="output folder for train/ validation/ test/ and the report")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

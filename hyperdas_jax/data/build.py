@@ -9,6 +9,10 @@ With `screen_entities` N, each asked attribute's N sampled entities are first pu
 `screen_templates` train prompts; base entities (and the source entities of causal rows) are then
 drawn only from those it answered right, so far fewer generated rows fail the filter. The screen's
 answers are cached and reused by the filter, which still checks every row.
+
+The target answers in `dtype`, which should be the dtype that later trains and scores on the rows: a
+bfloat16 target answers a few percent of base prompts differently from a float32 one, and a row whose
+base answer the scoring target gets wrong counts as a failed isolate whatever the intervention does.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class BuildOptions:
     screen_entities: int = 0
     screen_templates: int = 2
     batch_size: int = 32
+    dtype: str = "float32"  # the target's compute dtype for the screen and the filter ("auto": this machine's)
     seed: int = 42
     overwrite: bool = False
     quiet: bool = False
@@ -176,7 +181,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- domains: {', '.join(report['domains'])}; attributes: {report['attributes'] or 'all with values'}",
         f"- generated per attribute: train templates {report['n_train']} (validation fraction "
         f"{report['validation_fraction']}), test templates {report['n_test']}; seed {report['seed']}",
-        f"- filter: rule `{f['rule']}`, " + ("the whole answer" if k == "all" else f"first {k} answer tokens"),
+        f"- filter: rule `{f['rule']}`, " + ("the whole answer" if k == "all" else f"first {k} answer tokens")
+        + f"; the target answered in {report.get('dtype', 'float32')}",
         f"- isolate rows ask: {', '.join(report['isolate_attributes'] or ['every attribute with values'])}",
         _screen_line(report),
         f"- time: {report['timings']['total_s']:.1f} s in all, "
@@ -199,6 +205,7 @@ def build(args: "BuildOptions") -> dict[str, Any]:
 
     Raises RavelError / TargetError on bad input, writing nothing."""
     from hyperdas_jax.atomic import atomic_directory
+    from hyperdas_jax.compute_dtype import describe, resolve
     from hyperdas_jax.data import ravel_raw, ravel_store
     from hyperdas_jax.data.ravel_filter import FilterOptions, filter_rows
     from hyperdas_jax.data.ravel_raw import RavelError
@@ -228,7 +235,9 @@ def build(args: "BuildOptions") -> dict[str, Any]:
     isolates = _domain_attributes(domains, args.isolate_attributes) if args.isolate_attributes else {}
 
     t0 = time.time()
-    target = load_target(target_dir)
+    dtype = resolve(args.dtype)
+    target = load_target(target_dir, dtype=dtype)
+    print(f"the target answers in {describe(args.dtype)}", flush=True)
     if target.tokenizer is None:
         raise RavelError(f"target {target_dir} has no tokenizer")
     predict_fn = make_predict_fn(target)
@@ -295,6 +304,7 @@ def build(args: "BuildOptions") -> dict[str, Any]:
         "seed": args.seed,
         "isolate_attributes": args.isolate_attributes,
         "filter": {"rule": args.filter, "n_answer_tokens": k, "batch_size": args.batch_size},
+        "dtype": dtype,
         "screen": {"n_entities": args.screen_entities, "n_templates": args.screen_templates, "domains": screen,
                    "pools": pools},
         "validation_templates": held,

@@ -78,8 +78,9 @@ def ensure_smollm2(path: pathlib.Path) -> bool:
     return True
 
 
-def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict) -> bool:
-    """Builds the job's RAVEL data in `out` unless it is there with the preset's settings; True if it did."""
+def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict, dtype: str = "float32") -> bool:
+    """Builds the job's RAVEL data in `out` unless it is there with the preset's settings, screened by the
+    target in `dtype` (the resolved compute dtype HyperDAS trains and scores in); True if it built it."""
     from hyperdas_jax.data.build import BuildOptions, build
 
     wanted = {"attributes": preset["attributes"], "isolate_attributes": preset["attributes"],
@@ -88,7 +89,8 @@ def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict) -> bool:
     if (out / "report.json").is_file():
         stored = json.loads((out / "report.json").read_text())
         same = all(stored.get(k) == v for k, v in wanted.items()) and \
-            stored.get("screen", {}).get("n_entities") == preset["screen"]
+            stored.get("screen", {}).get("n_entities") == preset["screen"] and \
+            stored.get("dtype", "float32") == dtype  # builds before the dtype was recorded answered in float32
         if same:
             print(f"using the RAVEL data in {out}")
             return False
@@ -96,7 +98,7 @@ def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict) -> bool:
         overwrite = True
     build(BuildOptions(target=str(target), domains=("city",), out=str(out), attributes=preset["attributes"],
                        isolate_attributes=preset["attributes"], screen_entities=preset["screen"],
-                       n_train=preset["n_train"], n_test=preset["n_test"], overwrite=overwrite))
+                       n_train=preset["n_train"], n_test=preset["n_test"], dtype=dtype, overwrite=overwrite))
     print(f"wrote {out}")
     return True
 
@@ -324,6 +326,7 @@ def run(*, quick: bool = False, name: str | None = None, target: str = "checkpoi
             timings_path.write_text(json.dumps(timings, indent=1) + "\n")
         start = time.time()
 
+    from hyperdas_jax.compute_dtype import resolve as resolve_dtype
     from hyperdas_jax.config import to_dict
     from hyperdas_jax.data.ravel_store import load_rows
     from hyperdas_jax.mdas import TRAIN_OVERRIDES as MDAS_OVERRIDES, row_task_ids, train_mdas
@@ -338,7 +341,7 @@ def run(*, quick: bool = False, name: str | None = None, target: str = "checkpoi
     check_settings(mdas_dir, to_dict(mdas_cfg), "MDAS")
 
     lap("convert SmolLM2", ensure_smollm2(target_dir))
-    lap("build RAVEL city", ensure_data(target_dir, data, preset))
+    lap("build RAVEL city", ensure_data(target_dir, data, preset, resolve_dtype(cfg.target.dtype)))
     method, ran = train_hyperdas(cfg, run / "hyperdas")
     lap("train HyperDAS", ran)
     target = load_target(target_dir, **target_overrides(mdas_cfg))  # MDAS's target, in its config's dtype

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from hyperdas_jax import evaluate as ev
-from hyperdas_jax.data import collate, ravel_store
+from hyperdas_jax.data import build, collate, ravel_store
 from hyperdas_jax.data.ravel_schema import instruction_attribute, is_causal
 
 # ----------------------------------------------------------------------------- a hand-built prediction set
@@ -512,7 +512,74 @@ def test_prepare_ravel_end_to_end_on_smollm2(dtype, smollm2_target_dir, ravel_tg
     assert report["filter"] == {"rule": "strict", "n_answer_tokens": 3, "batch_size": 8}
     assert "| train | 8 |" in printed and "causal/Country" in (out / "report.md").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["smol_city"]  # no temporary folders left
+    other = "float32" if dtype == "bfloat16" else "bfloat16"
+    assert build.screened_dtype(out / "train") == dtype and build.screen_mismatch(out / "test", dtype) is None
+    assert f"screened by the target in {dtype}" in build.screen_mismatch(out / "test", other)
     shutil.rmtree(out)
+
+
+def _built(tmp_path, report):
+    """A folder laid out as tools.prepare_ravel writes it, with `report` as its report.json."""
+    rows, _ = _prediction_set()
+    for split in ("train", "test"):
+        ravel_store.save_rows(rows, tmp_path / "data" / split)
+    (tmp_path / "data" / "report.json").write_text(report)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("report, screened", [
+    ('{"dtype": "bfloat16"}', "bfloat16"),
+    ('{"n_train": 10}', "float32"),  # built before the dtype was recorded: the screen answered in float32
+    ("{not json", None),
+])
+def test_screened_dtype_is_read_from_the_build_report(report, screened, tmp_path):
+    data = _built(tmp_path, report)
+    assert build.screened_dtype(data / "train") == screened
+    assert build.screened_dtype(data) is None  # not a split folder
+    assert build.screen_mismatch(data / "test", screened or "float32") is None
+    warning = build.screen_mismatch(data / "test", "float16")
+    if screened is None:
+        assert warning is None
+    else:
+        assert warning.startswith(f"warning: the rows in {data / 'test'} were screened by the target in {screened}")
+        assert "computes in float16" in warning and "tools.prepare_ravel --dtype float16" in warning
+    (data / "report.json").unlink()
+    assert build.screened_dtype(data / "train") is None  # rows this tool did not build: nothing to compare
+
+
+@pytest.mark.parametrize("screened", ["bfloat16", "float32"])
+def test_evaluation_warns_when_the_rows_were_screened_in_another_dtype(screened, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from hyperdas_jax.config import load_config
+    from hyperdas_jax.pipeline.eval_run import evaluate_run
+
+    data = _built(tmp_path, json.dumps({"dtype": screened}))
+    rows, soft = _prediction_set()
+    cfg = load_config("configs/tiny.yaml")  # target.dtype float32
+    method = FakeMethod(rows, soft, n_answer_tokens=cfg.eval.n_answer_tokens, tokenizer=_word_tokenizer())
+    method.steps = SimpleNamespace(cfg=cfg, n_answer_tokens=cfg.eval.n_answer_tokens)
+    results = evaluate_run(method, str(data / "test"), str(tmp_path / "eval"), modes=("soft",), heatmaps=0,
+                           progress=False)
+    err = capsys.readouterr().err
+    assert ("were screened by the target in bfloat16" in err) == (screened == "bfloat16"), err
+    (data / "report.json").unlink()  # the same rows, not built by prepare_ravel: no dtype to compare, same scores
+    again = evaluate_run(method, str(data / "test"), str(tmp_path / "eval2"), modes=("soft",), heatmaps=0,
+                         progress=False)
+    assert "warning" not in capsys.readouterr().err
+    assert again["modes"]["soft"]["overall"] == results["modes"]["soft"]["overall"]
+
+
+def test_training_warns_when_the_rows_were_screened_in_another_dtype(tmp_path, capsys):
+    from tools import train as train_cli
+
+    data = _built(tmp_path, json.dumps({"dtype": "bfloat16"}))
+    argv = ["--config", "configs/tiny.yaml", "--run", str(tmp_path / "run"), "--no-progress",
+            "--set", f"data.train={data / 'train'}"]
+    assert train_cli.main(argv) == 1  # a random target has no tokenizer for the rows: refused before training
+    err = capsys.readouterr().err
+    assert f"warning: the rows in {data / 'train'} were screened by the target in bfloat16" in err, err
+    assert "error: data.train needs the target's tokenizer" in err
 
 
 # ----------------------------------------------------------------------------- per-template scores

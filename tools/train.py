@@ -56,7 +56,8 @@ def main(argv=None) -> int:
 
     import jax
 
-    from hyperdas_jax.compute_dtype import describe
+    from hyperdas_jax.compute_dtype import describe, resolve
+    from hyperdas_jax.data.build import screen_mismatch
     from hyperdas_jax.loop import Branch, NonFiniteError, train
     from hyperdas_jax.sharding import mesh_from_config
 
@@ -70,6 +71,10 @@ def main(argv=None) -> int:
         print(f"mesh: {dict(mesh.shape)} over {mesh.size} of {jax.device_count()} {jax.devices()[0].platform} "
               f"devices, {jax.process_count()} process(es)")
         print(f"compute dtype: target {describe(cfg.target.dtype)}, hypernetwork {describe(cfg.hypernet.dtype)}")
+        for split in (cfg.data.train, cfg.data.validation):
+            warning = split and screen_mismatch(split, resolve(cfg.target.dtype))
+            if warning:
+                print(warning, file=sys.stderr)
     try:
         branch = None if args.branch_from is None else Branch(args.branch_from, args.branch_step)
         result = train(cfg, args.run, resume=args.resume, branch=branch, mesh=mesh, progress=not args.no_progress)

@@ -200,6 +200,31 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def screened_dtype(split: str | pathlib.Path) -> str | None:
+    """The dtype the target answered in when this tool built `split` (a folder beside report.json), or None
+    for rows this tool did not build. Builds from before the dtype was recorded answered in float32."""
+    report = pathlib.Path(split).parent / "report.json"
+    if pathlib.Path(split).name not in SPLITS or not report.is_file():
+        return None
+    try:
+        stored = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get("dtype", "float32") if isinstance(stored, dict) else None
+
+
+def screen_mismatch(split: str | pathlib.Path, dtype: str) -> str | None:
+    """A warning when `split`'s rows were screened by the target in a dtype other than `dtype` (the resolved
+    dtype that trains or scores on them), else None: rows whose base prompt the screening target answered
+    and this one does not count as failed isolates whatever the intervention does."""
+    screened = screened_dtype(split)
+    if screened is None or screened == dtype:
+        return None
+    return (f"warning: the rows in {split} were screened by the target in {screened}, and this run's target "
+            f"computes in {dtype}: a row whose base prompt it answers differently scores as a failed isolate; "
+            f"rebuild them with tools.prepare_ravel --dtype {dtype} to screen in the same dtype")
+
+
 def build(args: "BuildOptions") -> dict[str, Any]:
     """Generates, filters and writes every split to `args.out`; returns the report.
 

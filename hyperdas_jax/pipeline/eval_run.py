@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any, Sequence
 
 
@@ -45,6 +46,13 @@ def evaluate_run(method, data: str, out: str, *, modes: Sequence[str], n_answer_
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     cfg = getattr(getattr(method, "steps", None), "cfg", None)
+    if cfg is not None:
+        from hyperdas_jax.compute_dtype import resolve
+        from hyperdas_jax.data.build import screen_mismatch
+
+        warning = screen_mismatch(data, resolve(cfg.target.dtype))
+        if warning:
+            print(warning, file=sys.stderr)
     k = n_answer_tokens
     if k == "run":
         k = cfg.eval.n_answer_tokens if cfg is not None else getattr(method, "n_answer_tokens", 3)

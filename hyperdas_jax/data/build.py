@@ -182,7 +182,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- generated per attribute: train templates {report['n_train']} (validation fraction "
         f"{report['validation_fraction']}), test templates {report['n_test']}; seed {report['seed']}",
         f"- filter: rule `{f['rule']}`, " + ("the whole answer" if k == "all" else f"first {k} answer tokens")
-        + f"; the target answered in {report.get('dtype', 'float32')}",
+        + f"; the target answered in {report_dtype(report)}",
         f"- isolate rows ask: {', '.join(report['isolate_attributes'] or ['every attribute with values'])}",
         _screen_line(report),
         f"- time: {report['timings']['total_s']:.1f} s in all, "
@@ -200,6 +200,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_dtype(report: dict[str, Any]) -> str:
+    """The dtype a build's target answered in; builds from before the dtype was recorded answered in float32."""
+    return report.get("dtype", "float32")
+
+
 def screened_dtype(split: str | pathlib.Path) -> str | None:
     """The dtype the target answered in when this tool built `split` (a folder beside report.json), or None
     for rows this tool did not build. Builds from before the dtype was recorded answered in float32."""
@@ -210,7 +215,7 @@ def screened_dtype(split: str | pathlib.Path) -> str | None:
         stored = json.loads(report.read_text())
     except (OSError, ValueError):
         return None
-    return stored.get("dtype", "float32") if isinstance(stored, dict) else None
+    return report_dtype(stored) if isinstance(stored, dict) else None
 
 
 def screen_mismatch(split: str | pathlib.Path, dtype: str) -> str | None:

@@ -81,7 +81,7 @@ def ensure_smollm2(path: pathlib.Path) -> bool:
 def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict, dtype: str = "float32") -> bool:
     """Builds the job's RAVEL data in `out` unless it is there with the preset's settings, screened by the
     target in `dtype` (the resolved compute dtype HyperDAS trains and scores in); True if it built it."""
-    from hyperdas_jax.data.build import BuildOptions, build
+    from hyperdas_jax.data.build import BuildOptions, build, report_dtype
 
     wanted = {"attributes": preset["attributes"], "isolate_attributes": preset["attributes"],
               "n_train": preset["n_train"], "n_test": preset["n_test"]}
@@ -90,7 +90,7 @@ def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict, dtype: st
         stored = json.loads((out / "report.json").read_text())
         same = all(stored.get(k) == v for k, v in wanted.items()) and \
             stored.get("screen", {}).get("n_entities") == preset["screen"] and \
-            stored.get("dtype", "float32") == dtype  # builds before the dtype was recorded answered in float32
+            report_dtype(stored) == dtype
         if same:
             print(f"using the RAVEL data in {out}")
             return False

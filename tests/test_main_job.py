@@ -144,7 +144,8 @@ def test_main_job_gives_mdas_a_target_in_its_configs_dtype(tmp_path, monkeypatch
 
 def test_main_job_screens_the_data_in_the_dtype_it_trains_in(tmp_path, monkeypatch, capsys):
     """Data screened by a float32 target is rebuilt for a bfloat16 run (whose target answers some base prompts
-    differently), reused for a float32 one; a report from before the dtype was recorded counts as float32."""
+    differently), reused for a float32 one; a report from before the dtype was recorded counts as float32. Another
+    share of held-out validation templates rebuilds it too."""
     from hyperdas_jax.data import build as build_module
     from hyperdas_jax.pipeline import main_job as job
 
@@ -156,6 +157,7 @@ def test_main_job_screens_the_data_in_the_dtype_it_trains_in(tmp_path, monkeypat
         (out / "report.json").write_text(json.dumps(
             {"attributes": options.attributes, "isolate_attributes": options.isolate_attributes,
              "n_train": options.n_train, "n_test": options.n_test,
+             "validation_fraction": options.validation_fraction,
              "screen": {"n_entities": options.screen_entities}, "dtype": options.dtype}))
 
     monkeypatch.setattr(build_module, "build", build)
@@ -171,4 +173,8 @@ def test_main_job_screens_the_data_in_the_dtype_it_trains_in(tmp_path, monkeypat
     assert [o.dtype for o in built] == ["float32", "bfloat16"] and built[1].overwrite
     assert job.ensure_data(tmp_path / "target", out, preset, "bfloat16") is False
     assert len(built) == 2
+    wider = {**preset, "validation_fraction": 0.25}  # another validation split: rebuilt with it
+    assert job.ensure_data(tmp_path / "target", out, wider, "bfloat16") is True
+    assert built[2].validation_fraction == 0.25 and built[2].overwrite
+    assert job.ensure_data(tmp_path / "target", out, wider, "bfloat16") is False
     assert "was built with other settings; rebuilding it" in capsys.readouterr().out

@@ -86,6 +86,7 @@ def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict, dtype: st
     target in `dtype` (the resolved compute dtype HyperDAS trains and scores in); True if it built it."""
     from hyperdas_jax.data.build import BuildOptions, build, report_dtype
 
+    # the build's settings that its report.json records under the same names: checked on reuse, passed to the build
     wanted = {"attributes": preset["attributes"], "isolate_attributes": preset["attributes"],
               "n_train": preset["n_train"], "n_test": preset["n_test"],
               "validation_fraction": preset["validation_fraction"]}
@@ -100,10 +101,8 @@ def ensure_data(target: pathlib.Path, out: pathlib.Path, preset: dict, dtype: st
             return False
         print(f"the RAVEL data in {out} was built with other settings; rebuilding it")
         overwrite = True
-    build(BuildOptions(target=str(target), domains=("city",), out=str(out), attributes=preset["attributes"],
-                       isolate_attributes=preset["attributes"], screen_entities=preset["screen"],
-                       n_train=preset["n_train"], n_test=preset["n_test"],
-                       validation_fraction=preset["validation_fraction"], dtype=dtype, overwrite=overwrite))
+    build(BuildOptions(target=str(target), domains=("city",), out=str(out), screen_entities=preset["screen"],
+                       dtype=dtype, overwrite=overwrite, **wanted))
     print(f"wrote {out}")
     return True
 

@@ -332,6 +332,9 @@ class HypernetConfig:
     source_cross_attention: bool = True
     base_cross_attention: bool = True
     break_asymmetric: bool = False  # random [s;b] vs [b;s] order in the selection head's pair features
+    dropout: float = 0.0  # in training, each editor sub-block's output (the residual branch) is dropped with this
+    # probability and the rest scaled by 1/(1-p); evaluation never drops. 0 = off, as the original (its Llama
+    # config's attention_dropout is 0.0)
     param_dtype: str = "float32"
     dtype: str = "float32"
 
@@ -341,6 +344,8 @@ class HypernetConfig:
         if self.self_attention not in ("causal", "original"):
             raise ConfigError(f"hypernet.self_attention must be 'causal' or 'original', got {self.self_attention!r}")
         _at_least(self, "num_layers", 1)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"hypernet.dropout must be in [0, 1), got {self.dropout!r}")
         if self.param_dtype not in DTYPES:
             raise ConfigError(f"hypernet.param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
         if self.dtype not in COMPUTE_DTYPES:

@@ -150,13 +150,16 @@ class StepContext:
 
 def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int = 8,
                      training: bool = False) -> ForwardSpec:
-    """The forward's static choices; `training` adds the straight-through selection (train.straight_through)."""
+    """The forward's static choices; `training` adds the straight-through selection (train.straight_through)
+    and the editor's dropout (hypernet.dropout)."""
     iv = cfg.intervention
     st = cfg.train.straight_through
     hard = {}
     if training and st.mode is not None:
         hard = dict(straight_through=st.mode, straight_through_from=st.start_step(cfg.train.steps),
                     straight_through_share=st.share)
+    if training:
+        hard["dropout"] = cfg.hypernet.dropout
     return ForwardSpec(layer=iv.layer, mode=mode, window=window, total_steps=cfg.train.steps,
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
                        bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,

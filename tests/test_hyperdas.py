@@ -471,3 +471,47 @@ def test_memories_of_the_visible_tokens_only_give_the_same_step(setup):
     g2, _ = grad(steps.params, steps.target_state, shifted, 3, jax.random.key(0), ctx=ctx)
     k0, k2 = (np.asarray(g["hypernet"]["layers"][0]["source_cross_attn"]["k_proj"]["kernel"]) for g in (g0, g2))
     assert np.abs(k2 - k0).max() > 0.1 * np.abs(k0).max()
+
+
+def test_residual_dropout_keeps_one_minus_rate_and_rescales():
+    from hyperdas_jax.models.hypernet import residual_dropout
+
+    y = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32, 48)).astype(np.float32))
+    out = np.asarray(residual_dropout(y, 0.25, jax.random.key(3)))
+    kept = out != 0
+    assert abs(kept.mean() - 0.75) < 0.01  # 98 304 draws: the standard error is 0.0014
+    np.testing.assert_allclose(out[kept], np.asarray(y)[kept] / 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(out, np.asarray(residual_dropout(y, 0.25, jax.random.key(3))))  # one key, one mask
+    assert not np.array_equal(out, np.asarray(residual_dropout(y, 0.25, jax.random.key(4))))
+
+
+def test_hypernet_dropout_acts_in_training_steps_only(setup):
+    """hypernet.dropout: the same weights evaluate exactly as without it; a training step's loss and gradients
+    depend on the step's key (and equal the dropout-free ones at p=0 whatever the key); remat draws the same masks."""
+    cfg, target, steps = setup
+    batch = make_batch(np.random.default_rng(12))
+    window = label_window(batch["labels"])
+    grad = jax.jit(jax.grad(loss_fn, has_aux=True), static_argnames="ctx")
+    drop_cfg = tiny(["hypernet.dropout=0.3"])[0]
+    drop = Steps(steps.model(steps.params), target, drop_cfg)
+    for mode in ("soft", "bidding_argmax"):
+        a, b = steps.evaluate(steps.params, batch, mode), drop.evaluate(drop.params, batch, mode)
+        np.testing.assert_array_equal(np.asarray(b["logits"]), np.asarray(a["logits"]))
+
+    def step(config, key, remat=False):
+        spec = dataclasses.replace(spec_from_config(config, window=window, training=True), remat=remat)
+        ctx = StepContext(steps.graphdef, steps.target_graphdef, spec, config.train)
+        return grad(steps.params, steps.target_state, batch, 3, jax.random.key(key), ctx=ctx)
+
+    (g_off, m_off), (g_off1, m_off1) = step(cfg, 0), step(cfg, 1)
+    assert float(m_off["loss"]) == float(m_off1["loss"])  # no dropout: the key is not used
+    (g0, m0), (g0b, m0b), (g1, m1) = step(drop_cfg, 0), step(drop_cfg, 0), step(drop_cfg, 1)
+    assert float(m0["loss"]) == float(m0b["loss"])
+    assert float(m0["loss"]) != float(m1["loss"]) and float(m0["loss"]) != float(m_off["loss"])
+    k = lambda g: np.asarray(g["hypernet"]["layers"][0]["mlp"]["down_proj"]["kernel"])  # noqa: E731
+    assert np.abs(k(g0) - k(g1)).max() > 0.05 * np.abs(k(g0)).max()
+    g_r, m_r = step(drop_cfg, 0, remat=True)
+    np.testing.assert_allclose(float(m_r["loss"]), float(m0["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(k(g_r), k(g0), atol=1e-5 * max(1.0, np.abs(k(g0)).max()), rtol=0)
+    with pytest.raises(ConfigError, match=r"hypernet.dropout must be in \[0, 1\)"):
+        tiny(["hypernet.dropout=1.0"])

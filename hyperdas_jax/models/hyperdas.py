@@ -83,6 +83,7 @@ class ForwardSpec:
     anchor_layer: int | None = None  # the states the anchor prior compares: hs[anchor_layer]; None: `layer`
     self_positions: str = "real"  # "real" or "original": see InterventionConfig.self_positions
     pair_positions: str = "rope"  # "rope" or "none": see InterventionConfig.pair_positions
+    dropout: float = 0.0  # HypernetConfig.dropout; applied only where the forward gets a training step's rng
     # Training only (TrainConfig.straight_through): from step `straight_through_from` on, the first
     # round(straight_through_share·b) rows are patched with this mode's hard selection, gradients through A.
     straight_through: str | None = None
@@ -129,7 +130,9 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     # Collated batches name the visible tokens, and the memories hold only those (same attention, fewer keys).
     memories = [make_memory(hs, iv, ecfg, batch.get(key)) for hs, iv, key in
                 ((hs_src, src_iv, "source_memory_index"), (hs_base, base_iv, "base_memory_index"))]
-    z, pos = model.hypernet(batch["editor_ids"], batch["editor_mask"], *memories, remat=spec.remat)
+    dropout_key = None if rng is None or not spec.dropout else jax.random.fold_in(rng, 1)  # training steps only
+    z, pos = model.hypernet(batch["editor_ids"], batch["editor_mask"], *memories, remat=spec.remat,
+                            dropout=spec.dropout, dropout_key=dropout_key)
     z_last, pos_last = z[:, -1], pos[:, -1]  # left padding: the last token is real
 
     swap = False

@@ -10,7 +10,9 @@ unit-L2 normalised, flattened token-major (index t*(n+1) + l), visible only wher
 the intervention mask. Key positions are cumsum(mask)*mask over that flat axis (1, 2, ... for
 visible entries); editor positions are cumsum(editor_mask) (first real token is 1). §3.3.
 When the batch names the visible tokens (collate's `*_memory_index`), the memory holds only those:
-the same attention with fewer keys (`make_memory`).
+the same attention with fewer keys (`make_memory`). With `hypernet.dropout` = p > 0 a training step
+drops each sub-block's output (before it is added) elementwise with probability p and scales the rest
+by 1/(1-p); evaluation never drops (not in the original, whose attention_dropout is 0).
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def make_memory(hidden: jax.Array, intervention_mask: jax.Array, cfg: ModelConfi
     return Memory(states, mask, cos, sin)
 
 
+def residual_dropout(y: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """y with each element zeroed with probability `rate` and the rest scaled by 1/(1-rate) (inverted dropout)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, y.shape)
+    return jnp.where(keep, y / jnp.asarray(1.0 - rate, y.dtype), jnp.zeros((), y.dtype))
+
+
 class HyperBlock(nnx.Module):
     """Llama block + source and base cross-attention sub-blocks, each with its own pre-norm."""
 
@@ -103,13 +111,18 @@ class HyperBlock(nnx.Module):
         self.mlp = MLP(d, cfg.intermediate_size, param_dtype=pd, dtype=dt, rngs=rngs)
         self.use_source, self.use_base = hyper.source_cross_attention, hyper.base_cross_attention
 
-    def __call__(self, x: jax.Array, attn: AttnInputs, query_valid: jax.Array, source: Memory, base: Memory):
-        x = x + self.self_attn(self.input_layernorm(x), attn)
+    def __call__(self, x: jax.Array, attn: AttnInputs, query_valid: jax.Array, source: Memory, base: Memory,
+                 dropout_key: jax.Array | None = None, dropout: float = 0.0):
+        # `dropout` may be traced (under remat): the key alone decides whether anything is dropped.
+        keys = None if dropout_key is None else iter(jax.random.split(dropout_key, 4))
+        drop = lambda y: y if keys is None else residual_dropout(y, dropout, next(keys))  # noqa: E731
+        x = x + drop(self.self_attn(self.input_layernorm(x), attn))
         if self.use_source:
-            x = x + self._cross(self.source_cross_attn, self.source_cross_attn_layernorm, x, attn, query_valid, source)
+            x = x + drop(self._cross(self.source_cross_attn, self.source_cross_attn_layernorm, x, attn, query_valid,
+                                     source))
         if self.use_base:
-            x = x + self._cross(self.base_cross_attn, self.base_cross_attn_layernorm, x, attn, query_valid, base)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + drop(self._cross(self.base_cross_attn, self.base_cross_attn_layernorm, x, attn, query_valid, base))
+        x = x + drop(self.mlp(self.post_attention_layernorm(x)))
         return constrain(x, ("batch", "seq", None))
 
     @staticmethod
@@ -149,17 +162,20 @@ class HyperNetwork(nnx.Module):
         return AttnInputs(allowed, cos, sin), pos
 
     def __call__(self, editor_ids: jax.Array, editor_mask: jax.Array, source: Memory, base: Memory, *,
-                 remat: bool = False):
+                 remat: bool = False, dropout: float = 0.0, dropout_key: jax.Array | None = None):
         """Returns final-normed editor states Z (b, t_e, d) and the editor positions (b, t_e).
 
         With `remat` each block is recomputed in the backward pass instead of keeping its
-        activations, and (under FSDP) its gathered weights, from the forward pass.
+        activations, and (under FSDP) its gathered weights, from the forward pass. `dropout` > 0 with
+        a `dropout_key` (training steps) drops each sub-block's output at that rate; without a key nothing is.
         """
         attn, pos = self.self_attention_inputs(editor_mask)
         x = self.embed_tokens(editor_ids)
         valid = editor_mask > 0
-        for block in self.layers:
-            x = (remat_module(block) if remat else block)(x, attn, valid, source, base)
+        for i, block in enumerate(self.layers):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            call = remat_module(block) if remat else block
+            x = call(x, attn, valid, source, base, key, dropout) if dropout else call(x, attn, valid, source, base)
         return self.norm(x), pos
 
 

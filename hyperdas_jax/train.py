@@ -154,18 +154,18 @@ def spec_from_config(cfg: ExperimentConfig, *, mode: str = "soft", window: int =
     and the editor's dropout (hypernet.dropout)."""
     iv = cfg.intervention
     st = cfg.train.straight_through
-    hard = {}
+    extras = {}  # training steps only
     if training and st.mode is not None:
-        hard = dict(straight_through=st.mode, straight_through_from=st.start_step(cfg.train.steps),
-                    straight_through_share=st.share)
+        extras = dict(straight_through=st.mode, straight_through_from=st.start_step(cfg.train.steps),
+                      straight_through_share=st.share)
     if training:
-        hard["dropout"] = cfg.hypernet.dropout
+        extras["dropout"] = cfg.hypernet.dropout
     return ForwardSpec(layer=iv.layer, mode=mode, window=window, total_steps=cfg.train.steps,
                        temperature_start=iv.temperature_start, temperature_end=iv.temperature_end,
                        bidding_threshold=iv.bidding_threshold, break_asymmetric=cfg.hypernet.break_asymmetric,
                        remat=cfg.target.remat, similarity_prior=iv.similarity_prior,
                        anchor_prior=iv.anchor_prior, anchor_layer=iv.anchor_states_layer,
-                       self_positions=iv.self_positions, pair_positions=iv.pair_positions, **hard)
+                       self_positions=iv.self_positions, pair_positions=iv.pair_positions, **extras)
 
 
 def check_anchors(batch: dict) -> None:

@@ -502,9 +502,9 @@ def test_hypernet_dropout_acts_in_training_steps_only(setup):
         ctx = StepContext(steps.graphdef, steps.target_graphdef, spec, config.train)
         return grad(steps.params, steps.target_state, batch, 3, jax.random.key(key), ctx=ctx)
 
-    (g_off, m_off), (g_off1, m_off1) = step(cfg, 0), step(cfg, 1)
+    (_, m_off), (_, m_off1) = step(cfg, 0), step(cfg, 1)
     assert float(m_off["loss"]) == float(m_off1["loss"])  # no dropout: the key is not used
-    (g0, m0), (g0b, m0b), (g1, m1) = step(drop_cfg, 0), step(drop_cfg, 0), step(drop_cfg, 1)
+    (g0, m0), (_, m0b), (g1, m1) = step(drop_cfg, 0), step(drop_cfg, 0), step(drop_cfg, 1)
     assert float(m0["loss"]) == float(m0b["loss"])
     assert float(m0["loss"]) != float(m1["loss"]) and float(m0["loss"]) != float(m_off["loss"])
     k = lambda g: np.asarray(g["hypernet"]["layers"][0]["mlp"]["down_proj"]["kernel"])  # noqa: E731

@@ -166,16 +166,15 @@ class HyperNetwork(nnx.Module):
         """Returns final-normed editor states Z (b, t_e, d) and the editor positions (b, t_e).
 
         With `remat` each block is recomputed in the backward pass instead of keeping its
-        activations, and (under FSDP) its gathered weights, from the forward pass. `dropout` > 0 with
-        a `dropout_key` (training steps) drops each sub-block's output at that rate; without a key nothing is.
+        activations, and (under FSDP) its gathered weights, from the forward pass. With a `dropout_key`
+        (training steps, where `dropout` > 0) each sub-block's output is dropped at that rate; without one nothing is.
         """
         attn, pos = self.self_attention_inputs(editor_mask)
         x = self.embed_tokens(editor_ids)
         valid = editor_mask > 0
         for i, block in enumerate(self.layers):
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            call = remat_module(block) if remat else block
-            x = call(x, attn, valid, source, base, key, dropout) if dropout else call(x, attn, valid, source, base)
+            drop = () if dropout_key is None else (jax.random.fold_in(dropout_key, i), dropout)
+            x = (remat_module(block) if remat else block)(x, attn, valid, source, base, *drop)
         return self.norm(x), pos
 
 

@@ -5,7 +5,9 @@ import re
 
 import pytest
 
+from hyperdas_jax.benchmarks import flops
 from hyperdas_jax.benchmarks.forward import MODES
+from hyperdas_jax.target import read_model_config
 from tools import bench_forward
 
 pytestmark = pytest.mark.slow
@@ -22,6 +24,11 @@ def test_bench_forward_prints_both_modes_and_dtypes_with_speedups(smollm2_target
     for row, c in zip(rows, cells):
         assert re.fullmatch(r"\d+\.\d+x", c[8]), row  # speed-up torch_ms / ours_ms
         assert float(c[8][:-1]) > 0
+        # The forward's matmul FLOPs (SmolLM2, one 4-token row) and the speed-up at XLA's measured peak.
+        expected = flops.forward_flops(read_model_config(smollm2_target_dir), 1, 4, logits=c[0] == "logits")
+        assert float(c[10]) == pytest.approx(expected / 1e9, abs=0.005), row
+        assert re.fullmatch(r"\d+%", c[11]) and re.fullmatch(r"\d+%", c[12]), row
+        assert re.fullmatch(r"\d+\.\d+x", c[13]) and float(c[13][:-1]) > 0, row
         if c[1] == "float32":
             assert float(c[9]) < 1.0, row  # ours and torch agree (max abs difference)
         else:

@@ -12,6 +12,7 @@ import pathlib
 import sys
 import tempfile
 
+from hyperdas_jax.benchmarks.flops import PEAK_SIZE
 from hyperdas_jax.benchmarks.forward import bench, header, table
 from hyperdas_jax.convert.errors import ConversionError
 from hyperdas_jax.convert.to_target import convert
@@ -82,6 +83,9 @@ def main(argv=None) -> int:
     print()
     print("max abs diff: ours vs torch on the benchmarked batch: the logits, or all n+1 stacked hidden states\n"
           "(SmolLM2's residual stream exceeds 1e4, so float32 rounding alone gives hidden-state diffs ~1e-1).\n"
+          "GFLOP: the forward's matmuls (hyperdas_jax/benchmarks/flops.py); each side's rate is a share of its own\n"
+          f"jitted / torch {PEAK_SIZE}^3 product in that dtype, timed in this run. ceiling: the speed-up over torch\n"
+          "our forward would show with every matmul at XLA's peak, the most kernel tuning could give.\n"
           "On a shared machine torch's OpenMP threads suffer far more from other processes than XLA's pool;\n"
           "compare rows only when the load average stays below the core count.")
     return 0

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from hyperdas_jax.benchmarks import train_step as bench
+from hyperdas_jax.benchmarks.flops import xla_matmul_peak
 from tools.cli import positive_int
 
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         full = {k: v for k, v in batch.items() if not k.endswith("_memory_index")}
         _, full_memory_s = bench.time_step(steps, steps.params, full, cache.attach, key, args.runs)
     flops = bench.step_flops(target.config, cfg, b, te, tb, ts, label_window(batch["labels"]), memory=widths)
-    total, peak = sum(flops.values()), bench.matmul_peak()
+    total, peak = sum(flops.values()), xla_matmul_peak()
     L, n = cfg.intervention.layer, target.config.num_hidden_layers
     on_cpu = jax.devices()[0].platform == "cpu"
     forward = bench.original_forwards(pathlib.Path(cfg.target.path), args.runs) if cfg.target.path and on_cpu \

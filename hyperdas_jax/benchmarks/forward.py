@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from hyperdas_jax.benchmarks.flops import PEAK_SIZE, ceiling, forward_flops, torch_matmul_peak, xla_matmul_peak
+
 MODES = ("logits", "hidden states only")
 WARMUP_CALLS = 2
 
@@ -71,7 +73,10 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
 
     from hyperdas_jax.target import restore_model
 
-    graphdef, state = nnx.split(restore_model(target_dir, dtype=dtype, param_dtype=dtype))  # minus the tokenizer
+    ours_model = restore_model(target_dir, dtype=dtype, param_dtype=dtype)
+    config = ours_model.config
+    graphdef, state = nnx.split(ours_model)  # minus the tokenizer
+    del ours_model
     ours_fns = {
         "logits": jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask)),
         "hidden states only": jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).hidden_states(ids, mask)),
@@ -86,6 +91,9 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
             out = model.model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
             return torch.stack(out.hidden_states)
 
+    peaks = {"xla_peak": xla_matmul_peak(dtype), "torch_peak": torch_matmul_peak(dtype)}
+    log(f"  {dtype} {PEAK_SIZE}^3 matmul: XLA {peaks['xla_peak'] / 1e9:.0f} GFLOP/s, "
+        f"torch {peaks['torch_peak'] / 1e9:.0f} GFLOP/s")
     rng = np.random.default_rng(seed)
     rows = []
     for b, t in shapes:
@@ -115,7 +123,8 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
                     torch_ms[attn].append(timed(lambda: torch_fn(mode, ids_t, mask_t))[0])
             for attn in torch_attns:
                 rows.append(dict(mode=mode, dtype=dtype, batch=b, tokens=t, attn=attn, ours_ms=statistics.median(ours_ms),
-                                 torch_ms=statistics.median(torch_ms[attn]), diff=diffs[attn]))
+                                 torch_ms=statistics.median(torch_ms[attn]), diff=diffs[attn],
+                                 flops=forward_flops(config, b, t, logits=mode == "logits"), **peaks))
             log(f"  {mode} {b}x{t}: first call incl. compile {compile_ms / 1e3:.1f} s, "
                 f"programs compiled so far {getattr(fn, '_cache_size', lambda: '?')()}")
     return rows
@@ -123,13 +132,17 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
 
 def table(rows: list[dict]) -> str:
     lines = ["| mode | dtype | batch×tokens | torch attn | ours ms (median) | torch ms (median) | ours tokens/s "
-             "| torch tokens/s | speed-up (torch/ours) | max abs diff |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| torch tokens/s | speed-up (torch/ours) | max abs diff | GFLOP | ours % of XLA peak "
+             "| torch % of torch peak | ceiling |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         n = r["batch"] * r["tokens"]
+        ours_rate, torch_rate = r["flops"] / r["ours_ms"] * 1e3, r["flops"] / r["torch_ms"] * 1e3
         lines.append(f"| {r['mode']} | {r['dtype']} | {r['batch']}×{r['tokens']} | {r['attn']} | {r['ours_ms']:.2f} "
                      f"| {r['torch_ms']:.2f} | {n / r['ours_ms'] * 1e3:,.0f} | {n / r['torch_ms'] * 1e3:,.0f} "
-                     f"| {r['torch_ms'] / r['ours_ms']:.2f}x | {r['diff']:.2e} |")
+                     f"| {r['torch_ms'] / r['ours_ms']:.2f}x | {r['diff']:.2e} | {r['flops'] / 1e9:.2f} "
+                     f"| {ours_rate / r['xla_peak']:.0%} | {torch_rate / r['torch_peak']:.0%} "
+                     f"| {ceiling(r['torch_ms'] / 1e3, r['flops'], r['xla_peak']):.2f}x |")
     return "\n".join(lines)
 
 

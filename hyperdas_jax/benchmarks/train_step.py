@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from hyperdas_jax.benchmarks.flops import block_flops
 from hyperdas_jax.data.collate import DEFAULT_LENGTH_BUCKETS, visible_index
 
 # The original HyperDAS train step (SmolLM2, B=16, N=2, L=15, k=128) in units of one
@@ -106,22 +107,6 @@ def time_step(steps, initial, batch, prepare, key, runs: int) -> tuple[float, fl
     return compile_s, statistics.median(times)
 
 
-def matmul_peak(n: int = 2048, runs: int = 5) -> float:
-    """Measured float32 FLOP/s of one jitted n×n×n matmul (median)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
-
-
 INSTRUCTION_PASS = "target instruction pass, anchor prior (fwd)"
 CACHED = ("target clean passes (fwd)", INSTRUCTION_PASS)  # what a step with the clean-state cache skips
 
@@ -133,22 +118,17 @@ def step_flops(t, cfg, b: int, te: int, tb: int, ts: int, window: int,
     d, n, nk, h, f, v = (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim,
                          t.intermediate_size, t.vocab_size)
     layers, L = t.num_hidden_layers, cfg.intervention.layer
-    proj = 2 * d * (2 * n * h + 2 * nk * h)  # q, o + k, v per token
-    mlp = 2 * 3 * d * f
-
-    def block(tokens, seq):  # forward FLOPs of one block over `tokens` rows of length `seq`
-        return tokens * (proj + mlp + 2 * 2 * seq * n * h)
-
     out = {}
-    out["target clean passes (fwd)"] = layers * (block(b * tb, tb) + block(b * ts, ts))
+    out["target clean passes (fwd)"] = layers * (block_flops(t, b * tb, tb) + block_flops(t, b * ts, ts))
     if cfg.intervention.anchor_prior:  # blocks [0, A) over the instruction (cached with the clean states)
-        out[INSTRUCTION_PASS] = cfg.intervention.anchor_states_layer * block(b * te, te)
-    out["target blocks [L,n) + head (fwd+bwd)"] = 2 * ((layers - L) * block(b * tb, tb) + 2 * b * window * d * v)
+        out[INSTRUCTION_PASS] = cfg.intervention.anchor_states_layer * block_flops(t, b * te, te)
+    out["target blocks [L,n) + head (fwd+bwd)"] = 2 * ((layers - L) * block_flops(t, b * tb, tb)
+                                                      + 2 * b * window * d * v)
     mem_b, mem_s = ((layers + 1) * w for w in (memory or (tb, ts)))
     hyper = 0
     for mem in (mem_s, mem_b):  # cross-attention: q, o on the editor; k, v on the memory
         hyper += b * (te * 2 * d * 2 * n * h + mem * 2 * d * 2 * nk * h + 2 * 2 * te * mem * n * h)
-    hyper += block(b * te, te)
+    hyper += block_flops(t, b * te, te)
     out["hypernetwork (fwd+bwd)"] = 3 * cfg.hypernet.num_layers * hyper
     head = b * (2 * d * d * (tb + ts) + 2 * d * nk * h * (2 * tb + ts) + 2 * d * n * h)
     hidden = cfg.intervention.mlp_hidden or f

@@ -73,10 +73,9 @@ def bench(target_dir: pathlib.Path, shapes, runs: int, torch_attns: list[str], s
 
     from hyperdas_jax.target import restore_model
 
-    ours_model = restore_model(target_dir, dtype=dtype, param_dtype=dtype)
-    config = ours_model.config
-    graphdef, state = nnx.split(ours_model)  # minus the tokenizer
-    del ours_model
+    ours = restore_model(target_dir, dtype=dtype, param_dtype=dtype)
+    config, (graphdef, state) = ours.config, nnx.split(ours)  # minus the tokenizer
+    del ours
     ours_fns = {
         "logits": jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask)),
         "hidden states only": jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).hidden_states(ids, mask)),

@@ -35,8 +35,10 @@ def forward_flops(t: ModelConfig, batch: int, tokens: int, *, logits: bool = Tru
     return t.num_hidden_layers * block_flops(t, rows, tokens) + head
 
 
-def _median_s(fn, runs: int) -> float:
-    fn()  # compile / warm up
+def median_seconds(fn, runs: int, warmup: int = 1) -> float:
+    """Median wall seconds of `runs` calls of `fn` after `warmup` untimed ones (compile, caches)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -53,7 +55,7 @@ def xla_matmul_peak(dtype: str = "float32", n: int = PEAK_SIZE, runs: int = 5) -
 
     a = jnp.ones((n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-    return 2 * n**3 / _median_s(lambda: f(a, a).block_until_ready(), runs)
+    return 2 * n**3 / median_seconds(lambda: f(a, a).block_until_ready(), runs)
 
 
 def torch_matmul_peak(dtype: str = "float32", n: int = PEAK_SIZE, runs: int = 5) -> float:
@@ -62,7 +64,7 @@ def torch_matmul_peak(dtype: str = "float32", n: int = PEAK_SIZE, runs: int = 5)
 
     a = torch.ones((n, n), dtype=getattr(torch, dtype))
     with torch.inference_mode():
-        return 2 * n**3 / _median_s(lambda: torch.mm(a, a), runs)
+        return 2 * n**3 / median_seconds(lambda: torch.mm(a, a), runs)
 
 
 def ceiling(torch_s: float, flops: float, peak: float) -> float:

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from hyperdas_jax.benchmarks.flops import block_flops
+from hyperdas_jax.benchmarks.flops import block_flops, median_seconds
 from hyperdas_jax.data.collate import DEFAULT_LENGTH_BUCKETS, visible_index
 
 # The original HyperDAS train step (SmolLM2, B=16, N=2, L=15, k=128) in units of one
@@ -53,16 +53,10 @@ def torch_forward_s(model, dtype: str, *, runs: int = 5, shape=TORCH_FORWARD_SHA
     mask = torch.ones_like(ids)
     model.to(getattr(torch, dtype))
     try:
-        times = []
         with torch.inference_mode():
-            for i in range(runs + 2):  # two warm-up calls
-                start = time.perf_counter()
-                model(input_ids=ids, attention_mask=mask).logits.float()
-                if i >= 2:
-                    times.append(time.perf_counter() - start)
+            return median_seconds(lambda: model(input_ids=ids, attention_mask=mask).logits.float(), runs, warmup=2)
     finally:
         model.to(torch.float32)
-    return statistics.median(times)
 
 
 def original_forwards(target_dir, runs: int) -> dict[str, float]:

@@ -120,8 +120,9 @@ class CleanStateCache:
                 self.nbytes += entry.nbytes
         return fresh
 
-    def _states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """(b, n+1, t, d) states of a left-padded id array, zeros at pads; (b, t, d) with `layer`."""
+    def _states(self, ids: np.ndarray, mask: np.ndarray, last: bool = False) -> np.ndarray:
+        """(b, n+1, t, d) states of a left-padded id array, zeros at pads; (b, t, d) with `layer` or `last`
+        (the last stored state only)."""
         ids, mask = np.asarray(ids), np.asarray(mask)
         keys = [row[m > 0].astype(np.int32).tobytes() for row, m in zip(ids, mask)]
         fresh = self._store_missing(ids, mask, keys)
@@ -132,10 +133,19 @@ class CleanStateCache:
             entry = fresh.get(key)
             if entry is None:
                 entry = self._store[key]
+            if last:
+                entry = entry[-1:]
             if out is None:
                 out = np.zeros((b, entry.shape[0], t, entry.shape[-1]), entry.dtype)
             out[i, :, t - entry.shape[1]:] = entry
-        return out if self.layer is None else out[:, 0]
+        return out[:, 0] if self.layer is not None or last else out
+
+    def final_states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(b, t, d): hs[n], the final RMSNorm's output, of a left-padded id array (zeros at pads): all the
+        do-nothing baseline needs besides the LM head. Full caches only (a `layer` cache has no hs[n])."""
+        if self.layer is not None:
+            raise ValueError(f"this cache keeps hs[{self.layer}] only, not the final states")
+        return self._states(ids, mask, last=True)
 
     def fill(self, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, progress: bool = True) -> None:
         """Computes the states of `prompts` now, in their order, `batch_size` at a time.

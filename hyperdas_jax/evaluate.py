@@ -148,6 +148,20 @@ def template_scores(
     return out
 
 
+def mode_outputs(method: Any, batch: Mapping[str, Any], modes: Sequence[str]) -> dict[str, Any]:
+    """mode -> the method's `eval_batch(batch, mode)` output, through one `eval_modes(batch, modes)` call
+    when the method has it (HyperDAS then runs its hypernetwork once for every mode)."""
+    modes = tuple(modes)
+    if not modes:
+        return {}
+    if not hasattr(method, "eval_modes"):
+        return {mode: method.eval_batch(batch, mode) for mode in modes}
+    outs = method.eval_modes(batch, modes)
+    if set(outs) != set(modes):
+        raise ValueError(f"eval_modes answered modes {sorted(outs)}, asked for {sorted(modes)}")
+    return {mode: outs[mode] for mode in modes}
+
+
 def evaluate(
     method: Any,
     rows: Iterable[Mapping[str, Any]],
@@ -169,6 +183,8 @@ def evaluate(
       eval_batch(batch, mode) -> {"correct": (b,) bool, "selection": (b, t_s+1, t_b) float, SELF last,
                                   or None for methods without one (no heatmaps then)}
       baseline_batch(batch) -> {"correct": (b,) bool}   (the target on the base alone)
+    and optionally
+      eval_modes(batch, modes) -> {mode: eval_batch(batch, mode)}   (several modes at once; used when present)
     where batch is a `collate.collate_batch` dict. "correct" is the method's teacher-forced exact
     match on the first k answer tokens; a method that exposes `n_answer_tokens` (itself or via
     `.steps`) must use the k given here, so results are never labelled with the wrong k.
@@ -177,7 +193,7 @@ def evaluate(
         method: the method to score.
         rows: RAVEL rows (list of dicts or a `datasets.Dataset`).
         tokenizer: the target's fast tokenizer (the one the method's target was trained with).
-        modes: inference modes passed to `eval_batch`.
+        modes: inference modes passed to `eval_batch` (or all at once to `eval_modes`).
         collate_options: batching; rows that do not fit are dropped and counted, not scored.
         n_answer_tokens: the k of the exact match (None = every answer token), recorded in the results.
         baseline: also score the "no intervention" pseudo-mode through `baseline_batch`.
@@ -199,6 +215,8 @@ def evaluate(
     rows = as_row_list(rows)
     encoded = collate.encode_rows(rows, tokenizer, collate_options)
     all_modes = ([NO_INTERVENTION] if baseline else []) + list(modes)
+    if len(set(all_modes)) != len(all_modes):
+        raise ValueError(f"each mode is scored once; got {all_modes}")
     correct = {m: np.full(len(rows), -1, np.int8) for m in all_modes}
     causal_rows = np.array([is_causal(r) for r in rows], bool)
     located: dict[str, dict[str, np.ndarray]] = {}  # mode -> metric -> (len(rows),), NaN unless measured
@@ -213,8 +231,9 @@ def evaluate(
         index = np.asarray(batch["row_index"])[valid]
         b, tb = batch["base_ids"].shape
         ts = batch["source_ids"].shape[1]
-        for mode in all_modes:
-            out = method.baseline_batch(batch) if mode == NO_INTERVENTION else method.eval_batch(batch, mode)
+        outputs = {NO_INTERVENTION: method.baseline_batch(batch)} if baseline else {}
+        outputs.update(mode_outputs(method, batch, modes))
+        for mode, out in outputs.items():
             verdict = np.asarray(out["correct"]).astype(bool)
             if verdict.shape != (b,):
                 raise ValueError(f"{mode}: 'correct' has shape {verdict.shape}, expected {(b,)}")

@@ -227,22 +227,29 @@ class ShardedMethod:
                                   window=label_window(batch["labels"]))
         return {"correct": _host(out["correct"]), "selection": _host(out["selection"])}
 
+    def eval_modes(self, batch, modes):
+        outs = self.steps.evaluate_modes(self.params, shard_batch(self.steps.prepare(batch), self.mesh), modes,
+                                         window=label_window(batch["labels"]))
+        return {mode: {"correct": _host(out["correct"]), "selection": _host(out["selection"])}
+                for mode, out in outs.items()}
+
     def baseline_batch(self, batch):
-        out = self.steps.baseline(shard_batch(batch, self.mesh), window=label_window(batch["labels"]))
+        out = self.steps.baseline(shard_batch(self.steps.prepare_baseline(batch), self.mesh),
+                                  window=label_window(batch["labels"]))
         return {"correct": _host(out["correct"])}
 
 
 def batch_accuracy(method, batches: Iterable[Mapping[str, np.ndarray]], modes: Sequence[str]) -> dict[str, float]:
     """Exact-match accuracy over the valid rows of `batches` per mode; "accuracy" is their mean over modes."""
-    batches = list(batches)
-    out = {}
-    for mode in modes:
-        hits = total = 0
-        for batch in batches:
-            valid = np.asarray(batch["valid"], bool)
-            hits += int((method.eval_batch(batch, mode)["correct"].astype(bool) & valid).sum())
-            total += int(valid.sum())
-        out[f"{mode}/accuracy"] = hits / max(total, 1)
+    from hyperdas_jax.evaluate import mode_outputs
+
+    hits, total = dict.fromkeys(modes, 0), 0
+    for batch in batches:
+        valid = np.asarray(batch["valid"], bool)
+        for mode, got in mode_outputs(method, batch, modes).items():
+            hits[mode] += int((np.asarray(got["correct"]).astype(bool) & valid).sum())
+        total += int(valid.sum())
+    out = {f"{mode}/accuracy": hits[mode] / max(total, 1) for mode in modes}
     out["accuracy"] = float(np.mean([out[f"{mode}/accuracy"] for mode in modes]))
     return out
 

@@ -103,8 +103,13 @@ class MDASMethod:
         out = self.steps.evaluate(self.params, self.steps.prepare(self.add_tasks(batch)), "soft")
         return {"correct": np.asarray(out["correct"]), "selection": None}
 
+    def eval_modes(self, batch: dict, modes) -> dict:
+        """Every mode is the same patch: one pass serves them all."""
+        out = self.eval_batch(batch, "soft")
+        return {mode: out for mode in modes}
+
     def baseline_batch(self, batch: dict) -> dict:
-        return {"correct": np.asarray(self.steps.baseline(batch)["correct"])}
+        return {"correct": np.asarray(self.steps.baseline(self.steps.prepare_baseline(batch))["correct"])}
 
 
 def row_task_ids(rows, tasks: dict[str, int] | None = None) -> tuple[np.ndarray, dict[str, int]]:

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from hyperdas_jax.config import ExperimentConfig, TrainConfig
-from hyperdas_jax.models.hyperdas import MISSING_ANCHORS, ForwardSpec, forward
+from hyperdas_jax.models.hyperdas import MISSING_ANCHORS, ForwardSpec, forward, forward_modes
 from hyperdas_jax.models.selection import sparsity_loss, sparsity_weight
 from hyperdas_jax.sharding import use_mesh
 
@@ -231,11 +231,29 @@ def eval_step(params, target_state, batch, *, ctx: StepContext):
             "nll": jnp.sum(nll, axis=1) / jnp.maximum(jnp.sum(tok, axis=1), 1)}
 
 
+def eval_modes_step(params, target_state, batch, *, ctx: StepContext, modes: tuple[str, ...]):
+    """`eval_step` in several inference modes from one hypernetwork pass (`forward_modes`; HyperDAS only):
+    mode -> {"correct": (b,) exact match, "selection": (b, t_s+1, t_b) the A used}."""
+    model = nnx.merge(ctx.graphdef, params)
+    target = nnx.merge(ctx.target_graphdef, target_state)
+    outs = forward_modes(model, target, batch, ctx.spec, modes, ctx.spec.total_steps)
+    return {mode: {"correct": exact_match(out.logits, out.labels, ctx.n_answer_tokens), "selection": out.selection}
+            for mode, out in outs.items()}
+
+
 def baseline_step(target_state, batch, *, target_graphdef, window: int, n_answer_tokens: int | None):
-    """The do-nothing baseline: the target on the base alone, scored with the same labels."""
+    """The do-nothing baseline: the target on the base alone, scored with the same labels.
+
+    A batch carrying `base_final_states` (the clean base's hs[n] from a clean-state cache,
+    `Steps.prepare_baseline`) needs only the LM head; otherwise the target runs over the base.
+    """
     target = nnx.merge(target_graphdef, target_state)
-    h = target.run_layers(target.embed(batch["base_ids"]), target.attn_inputs(batch["base_mask"]))
-    logits = target.unembed(h[:, -window - 1:-1])
+    if "base_final_states" in batch:  # (b, t, d): the final norm's output of the same pass
+        normed = batch["base_final_states"][:, -window - 1:-1].astype(jnp.dtype(target.config.dtype))
+        logits = target.lm_logits(normed)
+    else:
+        h = target.run_layers(target.embed(batch["base_ids"]), target.attn_inputs(batch["base_mask"]))
+        logits = target.unembed(h[:, -window - 1:-1])
     labels = batch["labels"][:, -window:]
     return {"logits": logits, "labels": labels, "correct": exact_match(logits, labels, n_answer_tokens)}
 
@@ -287,6 +305,13 @@ class Steps:
             check_anchors(batch)
         return batch if self.cache is None else self.cache.attach(batch)
 
+    def prepare_baseline(self, batch: dict) -> dict:
+        """A host batch for `baseline`: with a full clean-state cache set, the base's cached hs[n] attached as
+        `base_final_states`, so the baseline runs only the LM head (else unchanged)."""
+        if self.cache is None or self.cache.layer is not None:
+            return batch
+        return {**batch, "base_final_states": self.cache.final_states(batch["base_ids"], batch["base_mask"])}
+
     def init_opt_state(self, params):
         """Optimizer state laid out as `opt_shardings` (moments like their parameters, scalars replicated)."""
         return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
@@ -306,6 +331,12 @@ class Steps:
         return jax.jit(functools.partial(eval_step, ctx=self.context(mode, window)))
 
     @functools.cache
+    def eval_modes_fn(self, modes: tuple[str, ...], window: int):
+        if self.forward_fn is not forward:
+            raise ValueError("evaluate_modes runs HyperDAS's forward_modes; these steps run another forward")
+        return jax.jit(functools.partial(eval_modes_step, ctx=self.context(modes[0], window), modes=modes))
+
+    @functools.cache
     def baseline_fn(self, window: int):
         return jax.jit(functools.partial(baseline_step, target_graphdef=self.target_graphdef, window=window,
                                          n_answer_tokens=self.n_answer_tokens))
@@ -320,6 +351,16 @@ class Steps:
         window = label_window(batch["labels"]) if window is None else window
         with use_mesh(self.mesh):
             return self.eval_fn(mode, window)(params, self.target_state, batch)
+
+    def evaluate_modes(self, params, batch, modes, *, window: int | None = None):
+        """`evaluate` in every mode of `modes` from one hypernetwork pass: mode -> {"correct", "selection"}."""
+        modes = tuple(modes)
+        if not modes:
+            raise ValueError("evaluate_modes needs at least one mode")
+        window = label_window(batch["labels"]) if window is None else window
+        with use_mesh(self.mesh):
+            outs = self.eval_modes_fn(modes, window)(params, self.target_state, batch)
+        return {mode: outs[mode] for mode in modes}  # in the order asked (a jitted dict comes back sorted)
 
     def baseline(self, batch, *, window: int | None = None):
         window = label_window(batch["labels"]) if window is None else window
@@ -348,9 +389,15 @@ class HyperDASMethod:
         out = self.steps.evaluate(self.params, self.steps.prepare(batch), mode)
         return {"correct": np.asarray(out["correct"]), "selection": np.asarray(out["selection"])}
 
+    def eval_modes(self, batch: dict, modes) -> dict:
+        """mode -> `eval_batch(batch, mode)` for every mode, from one hypernetwork pass."""
+        outs = self.steps.evaluate_modes(self.params, self.steps.prepare(batch), modes)
+        return {mode: {"correct": np.asarray(out["correct"]), "selection": np.asarray(out["selection"])}
+                for mode, out in outs.items()}
+
     def baseline_batch(self, batch: dict) -> dict:
         """The no-intervention row: the target alone on the base, same labels."""
-        return {"correct": np.asarray(self.steps.baseline(batch)["correct"])}
+        return {"correct": np.asarray(self.steps.baseline(self.steps.prepare_baseline(batch))["correct"])}
 
 
 def with_answer_tokens(method, k: int | None):

@@ -179,3 +179,27 @@ def test_a_bfloat16_target_keeps_its_states_in_bfloat16_at_half_the_bytes(setup)
     got, want = np.moveaxis(got.astype(np.float32), 1, 0), np.moveaxis(want, 1, 0)  # (n+1, b, t, d)
     assert (got[:, ~real] == 0).all()
     np.testing.assert_allclose(got[:, real], want[:, real], atol=0.05 * np.abs(want).max(), rtol=0)
+
+
+def test_the_baseline_reads_the_cached_final_states(setup):
+    _, _, steps = setup
+    batch = make_batch(np.random.default_rng(9))
+    cache = _cache(steps)
+    final = cache.final_states(batch["base_ids"], batch["base_mask"])  # (b, t, d)
+    np.testing.assert_array_equal(final, cache.attach(batch)["base_states"][:, -1])
+    plain, cached = steps.baseline(batch), steps.baseline({**batch, "base_final_states": final})
+    np.testing.assert_allclose(np.asarray(cached["logits"]), np.asarray(plain["logits"]), atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(plain["logits"])).max() > 0.1
+    np.testing.assert_array_equal(np.asarray(cached["correct"]), np.asarray(plain["correct"]))
+    # Steps attaches them only when a full cache is set.
+    assert steps.prepare_baseline(batch) is batch
+    steps.cache = cache
+    try:
+        np.testing.assert_array_equal(steps.prepare_baseline(batch)["base_final_states"], final)
+        steps.cache = CleanStateCache(steps.target_graphdef, steps.target_state, layer=1)
+        assert steps.prepare_baseline(batch) is batch
+    finally:
+        steps.cache = None
+    with pytest.raises(ValueError, match="not the final states"):
+        CleanStateCache(steps.target_graphdef, steps.target_state, layer=1).final_states(batch["base_ids"],
+                                                                                       batch["base_mask"])

@@ -514,3 +514,38 @@ def test_hypernet_dropout_acts_in_training_steps_only(setup):
     np.testing.assert_allclose(k(g_r), k(g0), atol=1e-5 * max(1.0, np.abs(k(g0)).max()), rtol=0)
     with pytest.raises(ConfigError, match=r"hypernet.dropout must be in \[0, 1\)"):
         tiny(["hypernet.dropout=1.0"])
+
+
+def test_one_hypernetwork_pass_serves_every_inference_mode(setup):
+    from hyperdas_jax.clean_states import CleanStateCache
+    from hyperdas_jax.models.hyperdas import forward, forward_modes
+    from hyperdas_jax.models.selection import MODES
+
+    cfg, target, steps = setup
+    batch = make_batch(np.random.default_rng(11), b=5)
+    spec = spec_from_config(cfg, window=label_window(batch["labels"]))
+    model = steps.model(steps.params)
+    together = forward_modes(model, target, batch, spec, MODES, spec.total_steps)
+    assert list(together) == list(MODES)
+    for mode in MODES:
+        alone = forward(model, target, batch, dataclasses.replace(spec, mode=mode), spec.total_steps)
+        np.testing.assert_allclose(np.asarray(together[mode].logits), np.asarray(alone.logits), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(together[mode].selection), np.asarray(alone.selection), atol=1e-6,
+                                   rtol=0)
+        np.testing.assert_array_equal(np.asarray(together[mode].labels), np.asarray(alone.labels))
+    # The modes patch differently, so a row served from another mode's (or example's) lane would show above.
+    gap = np.abs(np.asarray(together["soft"].logits) - np.asarray(together["groundtruth"].logits)).max(axis=(1, 2))
+    assert (gap > 1e-3).all()
+
+    # The jitted step: the verdicts and selections of one evaluate call per mode, cached states or not.
+    for prepared in (batch, CleanStateCache(steps.target_graphdef, steps.target_state).attach(batch)):
+        outs = steps.evaluate_modes(steps.params, prepared, MODES)
+        for mode in MODES:
+            one = steps.evaluate(steps.params, prepared, mode)
+            np.testing.assert_array_equal(np.asarray(outs[mode]["correct"]), np.asarray(one["correct"]))
+            np.testing.assert_allclose(np.asarray(outs[mode]["selection"]), np.asarray(one["selection"]), atol=1e-6,
+                                       rtol=0)
+    with pytest.raises(ValueError, match="at least one mode"):
+        steps.evaluate_modes(steps.params, batch, ())
+    with pytest.raises(ValueError, match="unknown selection mode"):
+        steps.evaluate_modes(steps.params, batch, ("soft", "sideways"))

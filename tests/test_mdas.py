@@ -58,6 +58,13 @@ def test_mdas_trains_only_its_rotations_and_scores_through_the_method():
     plain["row_index"] = np.arange(4, dtype=np.int32)
     got = method.eval_batch(plain, "bidding_argmax")["correct"]
     np.testing.assert_array_equal(got, np.asarray(steps.evaluate(params, batch, "soft")["correct"]))
+    every = method.eval_modes(plain, ("soft", "column_argmax", "bidding_argmax"))  # one pass: modes do not apply
+    assert list(every) == ["soft", "column_argmax", "bidding_argmax"]
+    for out in every.values():
+        np.testing.assert_array_equal(out["correct"], got)
+        assert out["selection"] is None
+    with pytest.raises(ValueError, match="run another forward"):  # forward_modes is HyperDAS's alone
+        steps.evaluate_modes(params, batch, ("soft",))
 
 
 def test_cached_layer_states_give_the_same_loss_gradients_and_logits():

@@ -151,6 +151,32 @@ def test_evaluator_counts_on_a_hand_built_prediction_set(tmp_path):
     assert json.loads(json_path.read_text()) == results and md_path.read_text() == table
 
 
+def test_evaluator_asks_for_every_mode_at_once_when_the_method_can(tmp_path):
+    class AllAtOnce(FakeMethod):  # like HyperDAS: one hypernetwork pass serves every mode
+        def eval_modes(self, batch, modes):
+            self.calls.append((tuple(modes), batch["base_ids"].shape))
+            return {mode: FakeMethod(self.rows, self.soft).eval_batch(batch, mode) for mode in modes}
+
+    rows, soft = _prediction_set()
+    options = collate.CollateOptions(batch_size=4, length_buckets=(8, 16))
+    kw = dict(modes=("soft", "bidding_argmax"), collate_options=options, n_answer_tokens=3, progress=False)
+    one_by_one = ev.evaluate(FakeMethod(rows, soft), rows, _word_tokenizer(), **kw)
+    method = AllAtOnce(rows, soft)
+    together = ev.evaluate(method, rows, _word_tokenizer(), **kw)
+    assert together == one_by_one
+    asked = [m for m, _ in method.calls]
+    assert asked == ["baseline", ("soft", "bidding_argmax")] * 5  # one call per batch, never a mode alone
+
+    class Forgetful(FakeMethod):
+        def eval_modes(self, batch, modes):
+            return {"soft": FakeMethod.eval_batch(self, batch, "soft")}
+
+    with pytest.raises(ValueError, match="answered modes"):
+        ev.evaluate(Forgetful(rows, soft), rows, _word_tokenizer(), **kw)
+    with pytest.raises(ValueError, match="each mode is scored once"):
+        ev.evaluate(FakeMethod(rows, soft), rows, _word_tokenizer(), **{**kw, "modes": ("soft", "soft")})
+
+
 def test_evaluator_rejects_mismatched_answer_tokens():
     rows, soft = _prediction_set()
     with pytest.raises(ValueError, match="first 1 answer tokens"):

@@ -206,3 +206,26 @@ def test_memory_planner_and_sharding_table_tools(capsys):
                                "--set", f"target.random.vocab_size={VOCAB}"]) == 0
     out = capsys.readouterr().out
     assert "| hypernet/hypernet/layers/0/mlp/gate_proj/kernel | (64, 96) | float32 | P('fsdp', 'tensor') | (32, 24) |" in out
+
+
+def test_sharded_evaluation_of_every_mode_at_once_equals_one_device_per_mode(reference):
+    from hyperdas_jax.loop import ShardedMethod
+    from hyperdas_jax.train import HyperDASMethod
+
+    cfg, host_target, host_model, batch, _ = reference
+    modes = ("soft", "column_argmax", "bidding_argmax")
+    sharded = {}
+    for shape in ((1, 1, 1), (2, 2, 2)):
+        mesh = make_mesh(shape)
+        target = placed(lambda: Llama(cfg.target.random, rngs=nnx.Rngs(0)), host_target, mesh)
+        model = placed(lambda: HyperDAS(cfg.target.random, cfg, rngs=nnx.Rngs(0)), host_model, mesh)
+        steps = Steps(model, target, cfg)
+        if shape == (1, 1, 1):
+            single = {mode: HyperDASMethod(steps, steps.params).eval_batch(batch, mode) for mode in modes}
+        else:
+            sharded = ShardedMethod(steps, steps.params, mesh).eval_modes(batch, modes)
+    assert list(sharded) == list(modes)
+    for mode in modes:
+        np.testing.assert_array_equal(sharded[mode]["correct"], single[mode]["correct"])
+        np.testing.assert_allclose(sharded[mode]["selection"], single[mode]["selection"], atol=1e-6, rtol=0)
+    assert not np.allclose(sharded["soft"]["selection"], sharded["column_argmax"]["selection"])

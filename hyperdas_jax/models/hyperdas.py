@@ -114,8 +114,17 @@ def clean_pair(target: Llama, base_ids, base_mask, source_ids, source_mask) -> t
     return hs[:, :b, t - tb:], hs[:, b:, t - ts:]
 
 
-def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step=0, rng=None) -> Outputs:
-    """HyperDAS forward on a collated batch (see hyperdas_jax/data/collate.py for the keys and shapes)."""
+class Decision(NamedTuple):
+    """What the hypernetwork decides for a batch before an inference mode turns A into a hard choice."""
+
+    soft: jax.Array  # (b, t_s+1, t_b) the head's soft A, SELF row last
+    z_last: jax.Array  # (b, d) the editor's last state: conditions the subspace
+    base_l: jax.Array  # (b, t_b, d) the clean base's raw residual stream entering block L
+    src_l: jax.Array  # (b, t_s, d) the same for the source
+
+
+def decide(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step=0, rng=None) -> Decision:
+    """The clean states (cached or one pass), the editor over them and the selection head's soft A."""
     L = spec.layer
     ecfg = model.hypernet.config
     if "base_states" in batch:  # cached clean states (hyperdas_jax/clean_states.py), (b, n+1, t, d)
@@ -158,22 +167,60 @@ def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step
     soft = model.head(z_last, pos_last, unit_normalise(hs_base[L]), base_iv, unit_normalise(hs_src[L]), src_iv,
                       swap=swap, base_attention_mask=batch["base_mask"] if spec.self_positions == "real" else None,
                       prior=prior, positions=spec.pair_positions)
-    a = select(soft, spec.mode, base_entity_pos=batch.get("base_entity_pos"),
-               source_entity_pos=batch.get("source_entity_pos"), threshold=spec.bidding_threshold)
-    if spec.straight_through is not None:
-        a = straight_through(a, select(soft, spec.straight_through, threshold=spec.bidding_threshold),
-                             step >= spec.straight_through_from, round(spec.straight_through_share * a.shape[0]))
+    return Decision(soft, z_last, hs_base[L], hs_src[L])
 
-    base_l, src_l = hs_base[L], hs_src[L]  # raw residual streams entering block L
-    mixed = mix_sources(a, base_l, src_l)
+
+def hard_selection(decision: Decision, batch: dict, spec: ForwardSpec, mode: str) -> jax.Array:
+    """A (b, t_s+1, t_b) float32 in inference mode `mode` (selection.select on the soft A)."""
+    return select(decision.soft, mode, base_entity_pos=batch.get("base_entity_pos"),
+                  source_entity_pos=batch.get("source_entity_pos"), threshold=spec.bidding_threshold)
+
+
+def patch(model: HyperDAS, decision: Decision, a: jax.Array, spec: ForwardSpec, step=0) -> jax.Array:
+    """The base's hs[L] (b, t_b, d) with the subspace patched from the sources A mixes."""
+    mixed = mix_sources(a, decision.base_l, decision.src_l)
     tau = temperature(step, spec.total_steps, spec.temperature_start, spec.temperature_end)
-    patched = model.subspace(z_last, base_l, mixed, temperature=tau)
+    return model.subspace(decision.z_last, decision.base_l, mixed, temperature=tau)
 
-    attn = target.attn_inputs(batch["base_mask"])
-    h = run_upper_blocks(target, patched, attn, L, spec.remat)
+
+def answer_logits(target: Llama, patched: jax.Array, base_mask: jax.Array, spec: ForwardSpec) -> jax.Array:
+    """Blocks [L, n) from patched residuals (b, t_b, d), then logits (b, w, v) at the last w prediction positions."""
+    h = run_upper_blocks(target, patched, target.attn_inputs(base_mask), spec.layer, spec.remat)
     w = spec.window
-    logits = target.unembed(h[:, -w - 1:-1])  # position t-1 predicts the label at t
-    return Outputs(logits, batch["labels"][:, -w:], a, soft)
+    return target.unembed(h[:, -w - 1:-1])  # position t-1 predicts the label at t
+
+
+def forward(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, step=0, rng=None) -> Outputs:
+    """HyperDAS forward on a collated batch (see hyperdas_jax/data/collate.py for the keys and shapes)."""
+    decision = decide(model, target, batch, spec, step, rng)
+    a = hard_selection(decision, batch, spec, spec.mode)
+    if spec.straight_through is not None:
+        a = straight_through(a, select(decision.soft, spec.straight_through, threshold=spec.bidding_threshold),
+                             step >= spec.straight_through_from, round(spec.straight_through_share * a.shape[0]))
+    logits = answer_logits(target, patch(model, decision, a, spec, step), batch["base_mask"], spec)
+    return Outputs(logits, batch["labels"][:, -spec.window:], a, decision.soft)
+
+
+def forward_modes(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec, modes: tuple[str, ...],
+                  step=0) -> dict[str, Outputs]:
+    """`forward` in several inference modes from one editor and selection-head pass (evaluation; no dropout).
+
+    The modes differ only in the A they patch with, so the hypernetwork runs once and the patched
+    residuals of all modes go through blocks [L, n) as one batch of b·m rows, interleaved
+    example-major ((b, m) -> b·m) so a batch-sharded row never leaves its device. Each mode's
+    outputs equal `forward` with `spec.mode` set to it, up to float rounding (tests/test_hyperdas.py).
+    """
+    if not modes:
+        raise ValueError("forward_modes needs at least one mode")
+    decision = decide(model, target, batch, spec, step)
+    chosen = [hard_selection(decision, batch, spec, mode) for mode in modes]  # m × (b, i+1, j)
+    patched = jnp.stack([patch(model, decision, a, spec, step) for a in chosen], axis=1)  # (b, m, j, d)
+    b, m = patched.shape[:2]
+    mask = jnp.repeat(batch["base_mask"], m, axis=0)  # (b·m, j), row r is example r // m
+    logits = answer_logits(target, patched.reshape(b * m, *patched.shape[2:]), mask, spec)  # (b·m, w, v)
+    logits = logits.reshape(b, m, *logits.shape[1:])
+    labels = batch["labels"][:, -spec.window:]
+    return {mode: Outputs(logits[:, i], labels, a, decision.soft) for i, (mode, a) in enumerate(zip(modes, chosen))}
 
 
 def straight_through(a: jax.Array, hard: jax.Array, on, rows: int) -> jax.Array:

@@ -81,7 +81,10 @@ class Llama(nnx.Module):
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """Final norm + LM head on raw residuals (..., d) -> float32 logits (..., v)."""
-        x = self.norm(h)
+        return self.lm_logits(self.norm(h))
+
+    def lm_logits(self, x: jax.Array) -> jax.Array:
+        """The LM head alone on final-normed states (..., d) (hs[n]) -> float32 logits (..., v)."""
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(x)
         return jnp.einsum("...d,dv->...v", x, self.lm_head.kernel[...].astype(x.dtype),

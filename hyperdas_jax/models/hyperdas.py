@@ -207,8 +207,9 @@ def forward_modes(model: HyperDAS, target: Llama, batch: dict, spec: ForwardSpec
 
     The modes differ only in the A they patch with, so the hypernetwork runs once and the patched
     residuals of all modes go through blocks [L, n) as one batch of b·m rows, interleaved
-    example-major ((b, m) -> b·m) so a batch-sharded row never leaves its device. Each mode's
-    outputs equal `forward` with `spec.mode` set to it, up to float rounding (tests/test_hyperdas.py).
+    example-major ((b, m) -> b·m) so a batch-sharded row never leaves its device; those blocks hold
+    m times one mode's activations (no backward pass keeps them). Each mode's outputs equal `forward`
+    with `spec.mode` set to it, up to float rounding (tests/test_hyperdas.py).
     """
     if not modes:
         raise ValueError("forward_modes needs at least one mode")

@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         full = {k: v for k, v in batch.items() if not k.endswith("_memory_index")}
         _, full_memory_s = bench.time_step(steps, steps.params, full, cache.attach, key, args.runs)
     flops = bench.step_flops(target.config, cfg, b, te, tb, ts, label_window(batch["labels"]), memory=widths)
-    total, peak = sum(flops.values()), xla_matmul_peak()
+    compute = target.config.dtype  # resolved: `auto` is float32 or bfloat16 here
+    total, peak = sum(flops.values()), xla_matmul_peak(compute)
     L, n = cfg.intervention.layer, target.config.num_hidden_layers
     on_cpu = jax.devices()[0].platform == "cpu"
     forward = bench.original_forwards(pathlib.Path(cfg.target.path), args.runs) if cfg.target.path and on_cpu \
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     rows = [(f"median step time (ms, {args.runs} runs)", f"{step_s * 1e3:.1f}"), ("examples/s", f"{b / step_s:.1f}"),
             ("target passes per step", f"2 clean + {n - L}/{n} blocks with gradient = {2 + (n - L) / n:.2f}"),
             ("achieved GFLOP/s", f"{total / step_s / 1e9:.1f}"),
-            ("float32 matmul peak (2048^3, jitted) GFLOP/s", f"{peak / 1e9:.1f}"),
+            (f"{compute} matmul peak (2048^3, jitted, the target's compute dtype) GFLOP/s", f"{peak / 1e9:.1f}"),
             ("fraction of peak", f"{total / step_s / peak:.1%}"),
             ("median step time with cached clean states (ms)", f"{cached_s * 1e3:.1f}"),
             ("cached step speed-up (same run)", f"{step_s / cached_s:.2f}x"),

@@ -248,7 +248,7 @@ def baseline_step(target_state, batch, *, target_graphdef, window: int, n_answer
     `Steps.prepare_baseline`) needs only the LM head; otherwise the target runs over the base.
     """
     target = nnx.merge(target_graphdef, target_state)
-    if "base_final_states" in batch:  # (b, t, d): the final norm's output of the same pass
+    if "base_final_states" in batch:  # (b, t, d): the final norm's output in the clean pass over the base
         normed = batch["base_final_states"][:, -window - 1:-1].astype(jnp.dtype(target.config.dtype))
         logits = target.lm_logits(normed)
     else:
